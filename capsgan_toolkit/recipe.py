@@ -1,0 +1,348 @@
+"""Recipes: TOML files validated by pydantic, component params by each component's own model.
+
+A recipe has one table per component holding the plugin's name and its own params
+side by side::
+
+    [encoder]
+    plugin = "capsnet"
+    primary_types = 64
+
+Validation runs in two passes. The first checks the recipe's own structure (this
+module's models, unknown keys rejected); the second resolves every ``plugin`` name
+in the registry and validates the remaining keys against that component's
+``Params``. All errors of both passes are reported together with the file, the
+dotted key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from capsgan_toolkit.errors import RecipeError, RegistryError
+from capsgan_toolkit.registry import Registry, suggest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(BaseModel):
+    """A component table: ``plugin`` plus the component's own params (validated later)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    plugin: str = Field(description="Registered component name.")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunSection(_Strict):
+    name: str = Field("run", description="Run name; the default run folder is runs/<name>.")
+    seed: int = Field(0, description="Seed for every random number generator.")
+    epochs: int = Field(10, ge=1, description="Training epochs.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
+    steps_per_epoch: int = Field(0, ge=0, description="Cap on steps per epoch; 0 means the whole training split.")
+    log_every: int = Field(20, ge=1, description="Steps between metrics.jsonl rows.")
+    eval_batches: int = Field(0, ge=0, description="Test batches for encoder accuracy per epoch; 0 means all.")
+    running_momentum: float = Field(
+        0.9, ge=0.0, lt=1.0, description="Momentum of the running encoder and discriminator accuracies."
+    )
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 leaves torch's default.")
+    plugins: list[str] = Field(
+        default_factory=list, description="Extra plugin modules to import by name (besides installed entry points)."
+    )
+
+
+class LossesSection(_Strict):
+    classification: ComponentSpec = Field(description="Loss on the class capsules.")
+    reconstruction: ComponentSpec | None = Field(None, description="Loss between reconstruction and input.")
+    adversarial: ComponentSpec | None = Field(
+        None, description="Adversarial loss; omit it for an L2-only generator (no discriminator is trained)."
+    )
+    generator_weight: float = Field(0.01, ge=0.0, description="Weight of (reconstruction + adversarial) vs classification.")
+    reconstruction_weight: float = Field(1.0, ge=0.0, description="Weight of the reconstruction term inside the generator loss.")
+    adversarial_weight: float = Field(1.0, ge=0.0, description="Weight of the adversarial term inside the generator loss.")
+
+    @model_validator(mode="after")
+    def _some_generator_loss(self):
+        if self.reconstruction is None and self.adversarial is None:
+            raise ValueError("give at least one of losses.reconstruction and losses.adversarial")
+        return self
+
+
+class AdamSection(_Strict):
+    lr: float = Field(1e-4, gt=0.0, description="Learning rate.")
+    betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas.")
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 weight decay.")
+
+
+class OptimSection(_Strict):
+    encoder_generator: AdamSection = Field(default_factory=lambda: AdamSection(lr=1e-4))
+    discriminator: AdamSection = Field(default_factory=lambda: AdamSection(lr=1e-5))
+
+
+class CheckpointSection(_Strict):
+    every_epochs: int = Field(1, ge=0, description="Epochs between checkpoints; 0 keeps only the final one.")
+    every_minutes: float = Field(0.0, ge=0.0, description="Also checkpoint after this many minutes; 0 turns it off.")
+    keep_last: int = Field(3, ge=1, description="Periodic checkpoints kept besides the final one.")
+
+
+class OutputSection(_Strict):
+    samples_every_epochs: int = Field(1, ge=1, description="Epochs between sample grids.")
+    sample_images: int = Field(16, ge=1, le=256, description="Real/reconstruction pairs in a sample grid.")
+
+
+class Recipe(_Strict):
+    """A whole, validated recipe."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    data: ComponentSpec
+    encoder: ComponentSpec
+    generator: ComponentSpec
+    discriminator: ComponentSpec | None = None
+    losses: LossesSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    gate: ComponentSpec = Field(default_factory=lambda: ComponentSpec(plugin="always"))
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    def component_slots(self) -> list[tuple[str, str, ComponentSpec]]:
+        """Return ``(dotted key, family, spec)`` for every component table present."""
+        slots = [
+            ("data", "dataset", self.data),
+            ("encoder", "encoder", self.encoder),
+            ("generator", "generator", self.generator),
+            ("gate", "gate", self.gate),
+            ("losses.classification", "loss", self.losses.classification),
+        ]
+        if self.discriminator is not None:
+            slots.append(("discriminator", "discriminator", self.discriminator))
+        if self.losses.reconstruction is not None:
+            slots.append(("losses.reconstruction", "loss", self.losses.reconstruction))
+        if self.losses.adversarial is not None:
+            slots.append(("losses.adversarial", "loss", self.losses.adversarial))
+        return slots
+
+
+class ResolvedRecipe:
+    """A recipe whose component params are validated instances of each component's model."""
+
+    def __init__(self, recipe: Recipe, params: dict[str, BaseModel], source: str):
+        self.recipe = recipe
+        self.params = params
+        self.source = source
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the recipe with every default filled in (plain TOML-able values)."""
+        data = self.recipe.model_dump(mode="json", exclude_none=True)
+        for key, model in self.params.items():
+            table = _dig(data, key)
+            plugin = table["plugin"]
+            table.clear()
+            table["plugin"] = plugin
+            table.update(model.model_dump(mode="json", by_alias=True))
+        return data
+
+    def digest(self) -> str:
+        """Return a SHA-256 of the resolved recipe (the identity of a run)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _dig(data: dict, dotted: str) -> dict:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def format_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _format_errors(errors: list[tuple[str, str, Any]], source: str, overrides: dict[str, str]) -> str:
+    lines = [f"{source}: the recipe is not valid ({len(errors)} problem{'s' if len(errors) != 1 else ''}):"]
+    for key, msg, value in errors:
+        origin = f" (from --set {key}={overrides[key]})" if key in overrides else ""
+        shown = "" if value is _MISSING else f" (got {format_value(value)})"
+        lines.append(f"  - {key or '<top level>'}: {msg}{shown}{origin}")
+    lines.append("Fix these keys in the recipe (see docs/recipes.md, or `capsgan plugins` for component params).")
+    return "\n".join(lines)
+
+
+_MISSING = object()
+
+
+def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        value = _MISSING if err["type"] in ("missing",) else err.get("input", _MISSING)
+        if err["type"] == "extra_forbidden" or isinstance(value, dict):
+            value = value if not isinstance(value, dict) else _MISSING
+        out.append((key, msg, value))
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.path=value``; the value is read as TOML, else taken as a string."""
+    if "=" not in text:
+        raise RecipeError(f'--set "{text}": expected key.path=value, for example --set run.epochs=5.')
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f'--set "{text}": the key "{key}" is not a dotted path such as encoder.primary_types.')
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict[str, str]:
+    """Apply ``--set`` overrides to the raw recipe dict in place; return key -> raw text."""
+    applied = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(
+                    f'--set {text}: "{".".join(parts[: i + 1])}" is a value, not a table, so it has no key "{parts[i + 1]}".'
+                )
+            node = child
+        node[parts[-1]] = value
+        applied[key] = text.split("=", 1)[1]
+    return applied
+
+
+def read_toml(path: str | Path) -> dict:
+    """Read a TOML file, turning every failure into a RecipeError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file. Check the path (recipes live in recipes/).") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {exc}.") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML: {exc}. Fix the syntax at that line and column.") from None
+
+
+def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrides: dict[str, str] | None = None) -> ResolvedRecipe:
+    """Validate a raw recipe dict in both passes and return a :class:`ResolvedRecipe`.
+
+    Raises:
+        RecipeError: listing every problem with its dotted key.
+    """
+    overrides = overrides or {}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(_pydantic_errors(exc), source, overrides)) from None
+
+    errors: list[tuple[str, str, Any]] = []
+    params: dict[str, BaseModel] = {}
+    for key, family, spec in recipe.component_slots():
+        try:
+            comp = registry.get(family, spec.plugin)
+        except RegistryError as exc:
+            names = registry.list(family)
+            if key.startswith("losses."):
+                role = key.split(".", 1)[1]
+                names = [c.name for c in registry.components("loss") if c.role == role]
+            errors.append(
+                (f"{key}.plugin", f'unknown {family} "{spec.plugin}".{suggest(spec.plugin, names)} '
+                 f"Allowed: {', '.join(names) or '(none registered)'}", _MISSING)
+            )
+            continue
+        if key.startswith("losses."):
+            role = key.split(".", 1)[1]
+            if comp.role != role:
+                allowed = [c.name for c in registry.components("loss") if c.role == role]
+                errors.append((f"{key}.plugin", f'"{spec.plugin}" is a {comp.role} loss, not a {role} loss. '
+                               f"Allowed: {', '.join(allowed)}", _MISSING))
+                continue
+        try:
+            params[key] = comp.params_model.model_validate(spec.params)
+        except ValidationError as exc:
+            errors.extend(_pydantic_errors(exc, key))
+    if errors:
+        raise RecipeError(_format_errors(errors, source, overrides))
+    return ResolvedRecipe(recipe, params, source)
+
+
+def load_recipe(path: str | Path, registry: Registry, overrides: list[str] | None = None) -> ResolvedRecipe:
+    """Read, override and validate a recipe file.
+
+    Args:
+        path: the TOML recipe.
+        registry: the filled component registry.
+        overrides: ``key.path=value`` strings from ``--set``.
+
+    Returns:
+        The :class:`ResolvedRecipe`.
+
+    Raises:
+        RecipeError: unreadable file, bad TOML, or a recipe that does not validate.
+    """
+    data = read_toml(path)
+    applied = apply_overrides(data, overrides or [])
+    return resolve(data, registry, source=str(path), overrides=applied)
+
+
+def dumps_toml(data: dict, _prefix: str = "") -> str:
+    """Write a dict of plain values as TOML (enough for resolved recipes)."""
+    scalars, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            scalars.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    out = []
+    if _prefix and scalars:
+        out.append(f"[{_prefix}]")
+    out.extend(scalars)
+    for key, value in tables:
+        name = f"{_prefix}.{_toml_key(key)}" if _prefix else _toml_key(key)
+        block = dumps_toml(value, name)
+        if block:
+            out.append("")
+            out.append(block)
+    return "\n".join(out).strip("\n")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if value is None:
+        raise ValueError("TOML has no null")
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
