@@ -56,6 +56,9 @@ class RunSection(_Strict):
         0.9, ge=0.0, lt=1.0, description="Momentum of the running encoder and discriminator accuracies."
     )
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 leaves torch's default.")
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop", description="On a NaN/Inf loss or gradient: stop with an error, or skip the step and count it."
+    )
     plugins: list[str] = Field(
         default_factory=list, description="Extra plugin modules to import by name (besides installed entry points)."
     )

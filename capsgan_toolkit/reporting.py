@@ -1,0 +1,164 @@
+"""What a run writes for people to look at: metrics.jsonl, sample grids, curves.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; each row is flushed and fsynced so a crash keeps it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, sort_keys=True, allow_nan=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (used on resume: they will be logged again)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in kept:
+                fh.write(json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read metrics.jsonl, ignoring a torn last line left by a crash."""
+    rows = []
+    path = Path(path)
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Map images in [-1, 1] to uint8 in [0, 255]."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
+    """Save images in [-1, 1] ``(N, C, H, W)`` as one PNG grid."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2, pad_value=255)
+    array = grid.permute(1, 2, 0).numpy()
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def save_pairs(real: torch.Tensor, recon: torch.Tensor, path: str | Path) -> Path:
+    """Save real images (odd rows) above their reconstructions (even rows)."""
+    n = real.shape[0]
+    nrow = min(n, 8)
+    rows = []
+    for start in range(0, n, nrow):
+        rows.append(real[start:start + nrow])
+        rows.append(recon[start:start + nrow])
+    return save_grid(torch.cat(rows), path, nrow=nrow)
+
+
+def _series(rows: Iterable[dict], key: str, kind: str = "train") -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        value = row.get(key)
+        if row.get("kind") == kind and isinstance(value, (int, float)) and math.isfinite(value):
+            xs.append(row["step"])
+            ys.append(value)
+    return xs, ys
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Draw losses, encoder accuracy and discriminator accuracy against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for key in sorted({k for r in rows if r.get("kind") == "train" for k in r if k.startswith("loss_")}):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, label=key[5:])
+    ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_title("losses")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    xs, ys = _series(rows, "encoder_acc")
+    ax.plot(xs, ys, label="train (running)")
+    for key, label in (("test_acc", "test"),):
+        xs, ys = _series(rows, key, kind="epoch")
+        if xs:
+            ax.plot(xs, ys, "o-", label=label)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("encoder accuracy")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    xs, ys = _series(rows, "disc_acc")
+    if xs:
+        ax.plot(xs, ys, label="discriminator (running)")
+    for flag, colour in (("gate_generator", "tab:green"), ("gate_discriminator", "tab:red")):
+        xs, ys = _series(rows, flag)
+        if xs:
+            ax.fill_between(xs, 0, [0.05 * y for y in ys], step="post", alpha=0.4, color=colour,
+                            label=flag.replace("gate_", "") + " on")
+    ax.axhline(0.5, color="grey", lw=0.5, ls="--")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("discriminator accuracy and gate")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+
+    extra = [k for k in sorted({k for r in rows if r.get("kind") == "eval" for k in r}) if k not in ("kind", "step", "epoch")]
+    if extra:
+        sub = ax.twinx()
+        for key in extra[:4]:
+            xs, ys = _series(rows, key, kind="eval")
+            if xs:
+                sub.plot(xs, ys, "s--", label=key)
+        sub.legend(fontsize=7, loc="lower right")
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
