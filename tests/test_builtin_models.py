@@ -1,0 +1,338 @@
+"""Built-in models and losses: math against plain float64 re-implementations, shapes, gradients, params."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from capsgan_plugins import cnn, dcgan, gates, losses
+from capsgan_plugins.cnn import CNNEncoder, ResNetEncoder, squash
+from capsgan_plugins.dcgan import DCGANDiscriminator, DCGANGenerator
+from capsgan_plugins.losses import (
+    CrossEntropyLoss,
+    HingeLoss,
+    L1Loss,
+    MarginLoss,
+    MinimaxLoss,
+    MSELoss,
+    NonSaturatingLoss,
+)
+from capsgan_toolkit.errors import RecipeError, RegistryError
+from capsgan_toolkit.registry import Registry
+
+SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
+K, D = 10, 16
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    reg = Registry()
+    for module in (cnn, dcgan, losses, gates):
+        reg.current_source = module.__name__
+        module.capsgan_register(reg)
+    return reg
+
+
+# ------------------------------------------------------------------ plain references
+
+
+def _length(vec) -> float:
+    # The toolkit's capsule length keeps a 1e-12 epsilon inside the square root.
+    return math.sqrt(sum(float(x) ** 2 for x in vec) + 1e-12)
+
+
+def _margin_reference(caps: np.ndarray, labels: np.ndarray, m_plus=0.9, m_minus=0.1, lam=0.5) -> float:
+    total = 0.0
+    for b in range(caps.shape[0]):
+        for k in range(caps.shape[1]):
+            length = _length(caps[b, k])
+            if k == int(labels[b]):
+                total += max(0.0, m_plus - length) ** 2
+            else:
+                total += lam * max(0.0, length - m_minus) ** 2
+    return total / caps.shape[0]
+
+
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
+
+
+def _random_capsules(seed: int, batch: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(batch, K, D, generator=gen, dtype=torch.float64) * 0.3
+    caps = squash(raw)
+    caps[0, 3] = 0.0  # an exactly zero-length capsule inside the batch
+    labels = torch.randint(0, K, (batch,), generator=gen)
+    return caps, labels
+
+
+# ---------------------------------------------------------------------------- squash
+
+
+def test_squash_matches_float64_formula_and_lengths_below_one():
+    torch.manual_seed(0)
+    s = torch.randn(4, K, D, dtype=torch.float64) * torch.logspace(-3, 2, K, dtype=torch.float64).view(1, K, 1)
+    v = squash(s).numpy()
+    ref = np.empty_like(v)
+    for idx in np.ndindex(s.shape[:2]):
+        vec = s[idx].numpy()
+        sq = float(np.dot(vec, vec))
+        ref[idx] = (sq / (1.0 + sq)) * vec / math.sqrt(sq + 1e-8)
+    np.testing.assert_allclose(v, ref, rtol=1e-10, atol=1e-14)
+    assert (np.linalg.norm(v, axis=-1) < 1.0).all()
+
+
+def test_squash_gradient_finite_at_zero_length():
+    s = torch.zeros(2, K, D, requires_grad=True)
+    v = squash(s)
+    v.sum().backward()
+    assert torch.equal(v, torch.zeros_like(v))
+    assert torch.isfinite(s.grad).all()
+
+
+# ---------------------------------------------------------------------------- margin
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_margin_loss_matches_hand_computation(seed):
+    caps, labels = _random_capsules(seed)
+    loss = MarginLoss(MarginLoss.Params())(caps, labels)
+    assert loss.item() == pytest.approx(_margin_reference(caps.numpy(), labels.numpy()), rel=1e-9, abs=1e-12)
+
+
+def test_margin_loss_params_change_value_through_lambda_alias():
+    caps, labels = _random_capsules(3)
+    params = MarginLoss.Params.model_validate({"m_plus": 0.8, "m_minus": 0.2, "lambda": 0.25})
+    assert params.lambda_ == 0.25
+    got = MarginLoss(params)(caps, labels).item()
+    want = _margin_reference(caps.numpy(), labels.numpy(), m_plus=0.8, m_minus=0.2, lam=0.25)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert got != pytest.approx(_margin_reference(caps.numpy(), labels.numpy()), rel=1e-3)
+
+
+def test_margin_params_accept_alias_and_name_but_still_forbid_unknown_keys():
+    model = MarginLoss.Params
+    assert model.model_validate({"lambda": 0.3}).lambda_ == 0.3
+    assert model(lambda_=0.4).lambda_ == 0.4
+    assert model.model_config["extra"] == "forbid"
+    with pytest.raises(ValidationError):
+        model.model_validate({"lamda": 0.3})
+    with pytest.raises(ValidationError, match="m_minus"):
+        model.model_validate({"m_plus": 0.1, "m_minus": 0.9})
+
+
+def test_margin_loss_gradient_finite_at_zero_length_capsules():
+    caps = torch.zeros(3, K, D, requires_grad=True)
+    labels = torch.tensor([0, 4, 9])
+    loss = MarginLoss(MarginLoss.Params())(caps, labels)
+    loss.backward()
+    # Zero length: only the present class contributes, m+^2 per example.
+    assert loss.item() == pytest.approx((0.9 - 1e-6) ** 2, rel=1e-6)
+    assert torch.isfinite(caps.grad).all()
+
+
+def test_margin_loss_gradient_pushes_lengths_the_right_way():
+    caps, labels = _random_capsules(4)
+    caps[0, 3] = 0.05  # no zero-length capsule here: its gradient direction is undefined
+    caps = caps.clone().requires_grad_(True)
+    MarginLoss(MarginLoss.Params())(caps, labels).backward()
+    lengths = caps.detach().norm(dim=-1)
+    radial = (caps.grad * caps.detach()).sum(-1) / lengths  # d loss / d length
+    for b, label in enumerate(labels.tolist()):
+        for k in range(K):
+            if k == label and lengths[b, k] < 0.9:
+                assert radial[b, k] < 0
+            elif k != label and lengths[b, k] > 0.1:
+                assert radial[b, k] > 0
+
+
+def test_cross_entropy_matches_hand_computation():
+    caps, labels = _random_capsules(5)
+    temperature = 0.2
+    got = CrossEntropyLoss(CrossEntropyLoss.Params(temperature=temperature))(caps, labels).item()
+    total = 0.0
+    for b in range(caps.shape[0]):
+        logits = [_length(caps[b, k]) / temperature for k in range(K)]
+        top = max(logits)
+        total += top + math.log(sum(math.exp(z - top) for z in logits)) - logits[int(labels[b])]
+    assert got == pytest.approx(total / caps.shape[0], rel=1e-9)
+
+
+# ----------------------------------------------------------------------- reconstruction
+
+
+def test_mse_and_l1_match_numpy():
+    gen = np.random.default_rng(0)
+    a = gen.uniform(-1, 1, size=(3, 2, 5, 5))
+    b = gen.uniform(-1, 1, size=(3, 2, 5, 5))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    assert MSELoss(MSELoss.Params())(ta, tb).item() == pytest.approx(float(np.mean((a - b) ** 2)), rel=1e-12)
+    assert L1Loss(L1Loss.Params())(ta, tb).item() == pytest.approx(float(np.mean(np.abs(a - b))), rel=1e-12)
+
+
+def test_reconstruction_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        MSELoss(MSELoss.Params())(torch.zeros(2, 1, 28, 28), torch.zeros(2, 1, 32, 32))
+
+
+# -------------------------------------------------------------------------- adversarial
+
+REAL = [2.5, -0.3, 0.0, 40.0]
+FAKE = [-1.2, 0.7, -35.0, 3.0]
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def _bce_d() -> float:
+    # -log sigmoid(r) - log(1 - sigmoid(f)), computed from the sigmoid itself where it is safe.
+    real = _mean([-math.log(1.0 / (1.0 + math.exp(-r))) if r > -30 else -r for r in REAL])
+    fake = _mean([-math.log(1.0 - 1.0 / (1.0 + math.exp(-f))) if f < 30 else f for f in FAKE])
+    return real + fake
+
+
+@pytest.mark.parametrize(
+    ("cls", "want_g", "want_d"),
+    [
+        (MinimaxLoss, _mean([math.log(1.0 - 1.0 / (1.0 + math.exp(-f))) for f in FAKE]), _bce_d()),
+        (NonSaturatingLoss, _mean([-math.log(1.0 / (1.0 + math.exp(-f))) for f in FAKE]), _bce_d()),
+        (HingeLoss, -_mean(FAKE), _mean([max(0.0, 1 - r) for r in REAL]) + _mean([max(0.0, 1 + f) for f in FAKE])),
+    ],
+)
+def test_adversarial_losses_match_hand_values(cls, want_g, want_d):
+    loss = cls(cls.Params())
+    real = torch.tensor(REAL, dtype=torch.float64)
+    fake = torch.tensor(FAKE, dtype=torch.float64)
+    assert loss.generator_loss(fake).item() == pytest.approx(want_g, rel=1e-9)
+    assert loss.discriminator_loss(real, fake).item() == pytest.approx(want_d, rel=1e-9)
+
+
+def test_bce_losses_stay_finite_for_extreme_logits():
+    real = torch.tensor([1e4, -1e4], requires_grad=True)
+    fake = torch.tensor([-1e4, 1e4], requires_grad=True)
+    for cls in (MinimaxLoss, NonSaturatingLoss):
+        loss = cls(cls.Params())
+        total = loss.discriminator_loss(real, fake) + loss.generator_loss(fake)
+        total.backward()
+        assert torch.isfinite(total)
+        assert torch.isfinite(real.grad).all() and torch.isfinite(fake.grad).all()
+        assert loss.discriminator_loss(real, fake).item() == pytest.approx(_mean([0.0, 1e4]) * 2, rel=1e-6)
+
+
+# ------------------------------------------------------------------------ model shapes
+
+
+def _assert_grads_reach_every_parameter(module: torch.nn.Module, output: torch.Tensor) -> None:
+    output.sum().backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None, f"no gradient reached {name}"
+        assert torch.isfinite(param.grad).all(), f"non-finite gradient in {name}"
+        assert param.grad.abs().sum() > 0, f"zero gradient in {name}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    ("cls", "params"),
+    [
+        (CNNEncoder, {"channels": 4, "capsule_dim": 6, "dropout": 0.1}),
+        (CNNEncoder, {"channels": 4, "capsule_dim": 6, "batch_norm": False, "squash": False}),
+        (ResNetEncoder, {"width": 4, "blocks": 1, "capsule_dim": 6}),
+    ],
+)
+def test_encoder_shapes_lengths_and_gradients(cls, params, shape):
+    torch.manual_seed(0)
+    encoder = cls(cls.Params(**params), image_shape=shape, num_classes=K)
+    assert encoder.capsule_dim == 6
+    images = torch.rand(3, *shape) * 2 - 1
+    caps = encoder(images)
+    assert caps.shape == (3, K, 6)
+    if params.get("squash", True):
+        assert (encoder.class_scores(caps) < 1).all()
+    _assert_grads_reach_every_parameter(encoder, caps)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_dcgan_generator_shapes_range_and_gradients(shape, batch_norm):
+    torch.manual_seed(0)
+    params = DCGANGenerator.Params(base_channels=4, batch_norm=batch_norm)
+    gen = DCGANGenerator(params, num_classes=K, capsule_dim=D, image_shape=shape)
+    images = gen(torch.randn(3, K, D))
+    assert images.shape == (3, *shape)
+    assert images.abs().max() <= 1
+    _assert_grads_reach_every_parameter(gen, images)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"base_channels": 4},
+        {"base_channels": 4, "batch_norm": False, "spectral_norm": True, "dropout": 0.2},
+    ],
+)
+def test_dcgan_discriminator_shapes_and_gradients(shape, params):
+    torch.manual_seed(0)
+    disc = DCGANDiscriminator(DCGANDiscriminator.Params(**params), image_shape=shape)
+    logits = disc(torch.rand(3, *shape) * 2 - 1)
+    assert logits.shape == (3,)
+    _assert_grads_reach_every_parameter(disc, logits)
+
+
+def test_dcgan_layout_follows_the_report_sizes():
+    gen28 = DCGANGenerator(DCGANGenerator.Params(), num_classes=K, capsule_dim=D, image_shape=(1, 28, 28))
+    gen64 = DCGANGenerator(DCGANGenerator.Params(), num_classes=K, capsule_dim=D, image_shape=(3, 64, 64))
+    assert (gen28.seed, gen28.start_channels) == (7, 128)
+    assert (gen64.seed, gen64.start_channels) == (4, 512)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(RecipeError, match="square"):
+        DCGANGenerator(DCGANGenerator.Params(), num_classes=K, capsule_dim=D, image_shape=(3, 32, 48))
+    with pytest.raises(RecipeError, match="depth"):
+        CNNEncoder(CNNEncoder.Params(depth=6), image_shape=(1, 28, 28), num_classes=K)
+
+
+# ----------------------------------------------------------------------------- params
+
+
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [
+        ("encoder", "cnn"),
+        ("encoder", "resnet"),
+        ("generator", "dcgan"),
+        ("discriminator", "dcgan"),
+        ("loss", "margin"),
+        ("loss", "cross_entropy"),
+        ("loss", "mse"),
+        ("loss", "l1"),
+        ("loss", "minimax"),
+        ("loss", "nonsaturating"),
+        ("loss", "hinge"),
+        ("gate", "always"),
+        ("gate", "epochs"),
+        ("gate", "accuracy_band"),
+    ],
+)
+def test_params_reject_unknown_keys(registry, family, name):
+    comp = registry.get(family, name)
+    with pytest.raises(ValidationError):
+        comp.params_model.model_validate({"no_such_param": 1})
+    with pytest.raises(RegistryError, match="no_such_param"):
+        registry.create(family, name, {"no_such_param": 1})
+    for field_name, field in comp.params_model.model_fields.items():
+        assert field.description, f"{family} {name}: param {field_name} has no description"
+
+
+def test_margin_loss_built_from_recipe_style_dict(registry):
+    loss = registry.create("loss", "margin", {"lambda": 0.5, "m_plus": 0.9, "m_minus": 0.1})
+    assert isinstance(loss, MarginLoss)
+    assert loss.role == "classification"
+    assert registry.get("loss", "mse").role == "reconstruction"
+    assert registry.get("loss", "hinge").role == "adversarial"
