@@ -79,7 +79,12 @@ def load_plugins(
     result = PluginSet(manager=pm, registry=registry)
 
     if entry_points:
-        for ep in sorted(metadata.entry_points(group=hookspecs.NAME), key=lambda e: e.name):
+        # Built-ins first, so a third party cannot take a built-in's name; then by name.
+        def order(ep):
+            own = ep.dist is not None and ep.dist.name.replace("_", "-") == "capsgan-toolkit"
+            return (not own, ep.name)
+
+        for ep in sorted(metadata.entry_points(group=hookspecs.NAME), key=order):
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
             if pm.get_plugin(ep.name) is not None:
                 continue
@@ -115,7 +120,7 @@ def load_plugins(
 
 def register_all(result: PluginSet) -> None:
     """Call each plugin's ``capsgan_register`` in isolation, recording failures."""
-    for impl in reversed(result.manager.hook.capsgan_register.get_hookimpls()):
+    for impl in result.manager.hook.capsgan_register.get_hookimpls():  # registration order
         name = impl.plugin_name
         result.registry.current_source = name
         try:

@@ -151,7 +151,7 @@ class ResolvedRecipe:
             plugin = table["plugin"]
             table.clear()
             table["plugin"] = plugin
-            table.update(model.model_dump(mode="json", by_alias=True))
+            table.update(model.model_dump(mode="json", by_alias=True, exclude_none=True))
         return data
 
     def digest(self) -> str:
