@@ -1,0 +1,113 @@
+"""The command line end to end: plugins, validate, run (the quickstart, a few steps), errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from capsgan_toolkit.cli import cli
+
+from conftest import write_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--set", "run.epochs=2", "--set", "run.steps_per_epoch=3", "--set", "run.log_every=1",
+        "--set", "data.num_train=256", "--set", "data.num_test=64", "--set", "run.eval_batches=1"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "qs"
+    result = invoke("run", ROOT / "recipes" / "quickstart.toml", "--out", out, "--quiet", *FAST)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_plugins_lists_all_six_families_with_sources_and_params():
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    for family in ("encoder", "generator", "discriminator", "loss", "gate", "dataset"):
+        assert family in result.output
+    for name in ("capsnet", "cnn", "dcgan", "margin", "minimax", "accuracy_band", "glyphs", "mnist"):
+        assert name in result.output
+    assert "builtin_gates" in result.output and "warmup_epochs" in result.output
+
+
+def test_validate_prints_the_resolved_recipe():
+    result = invoke("validate", ROOT / "recipes" / "quickstart.toml", "--set", "run.epochs=9")
+    assert result.exit_code == 0
+    assert "epochs = 9" in result.output and "discriminator_max_disc_acc" in result.output
+
+
+def test_quickstart_run_folder_has_everything(quickstart_run):
+    out = quickstart_run
+    for name in ("recipe.toml", "metrics.jsonl", "curves.png", "summary.json",
+                 "samples/epoch_001.png", "samples/epoch_002.png", "checkpoints/final.pt"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    for key in ("epoch", "step", "loss_classification", "encoder_acc", "disc_acc", "gate", "images_per_s"):
+        assert key in train[-1], key
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [0, 1]
+    with Image.open(out / "curves.png") as img:
+        assert img.size[0] > 500
+    with Image.open(out / "samples" / "epoch_002.png") as img:
+        assert img.size[0] > 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and 0.0 <= summary["test_acc"] <= 1.0
+
+
+def test_existing_run_folder_is_refused_then_overwritten_on_request(quickstart_run, tmp_path):
+    out = tmp_path / "again"
+    assert invoke("run", ROOT / "recipes" / "quickstart_cnn.toml", "--out", out, "--quiet", *FAST).exit_code == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    result = invoke("run", ROOT / "recipes" / "quickstart_cnn.toml", "--out", out, "--quiet", *FAST)
+    assert result.exit_code == 2
+    assert "exists already" in result.output and "--resume" in result.output and "--overwrite" in result.output
+    assert (out / "metrics.jsonl").read_bytes() == before  # nothing lost
+    result = invoke("run", ROOT / "recipes" / "quickstart_cnn.toml", "--out", out, "--quiet", "--overwrite", *FAST)
+    assert result.exit_code == 0
+
+
+def test_resume_continues_a_finished_run_with_more_epochs(tmp_path):
+    out = tmp_path / "r"
+    assert invoke("run", ROOT / "recipes" / "quickstart_cnn.toml", "--out", out, "--quiet", *FAST).exit_code == 0
+    result = invoke("run", "--resume", out, "--quiet", "--set", "run.epochs=3")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert steps == list(range(1, 10))
+
+
+def test_resume_refuses_a_recipe_that_breaks_the_run(tmp_path):
+    out = tmp_path / "r"
+    assert invoke("run", ROOT / "recipes" / "quickstart_cnn.toml", "--out", out, "--quiet", *FAST).exit_code == 0
+    result = invoke("run", "--resume", out, "--quiet", "--set", "encoder.channels=16")
+    assert result.exit_code == 2
+    assert "encoder.channels: 32 -> 16" in result.output
+
+
+def test_bad_recipe_exits_nonzero_without_traceback(tiny_recipe, tmp_path):
+    tiny_recipe["encoder"]["plugin"] = "capsnett"
+    path = write_toml(tmp_path / "bad.toml", tiny_recipe)
+    proc = subprocess.run([sys.executable, "-m", "capsgan_toolkit", "run", path, "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "encoder.plugin" in proc.stderr and 'Did you mean "capsnet"' in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_needs_a_recipe_or_resume():
+    result = invoke("run")
+    assert result.exit_code == 2 and "--resume" in result.output
