@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from capsgan_toolkit import __version__
-from capsgan_toolkit.errors import CapsganError, RecipeError
+from capsgan_toolkit.errors import CapsganError, Interrupted, RecipeError
 from capsgan_toolkit.plugin_manager import PluginSet, load_plugins
 from capsgan_toolkit.recipe import ResolvedRecipe, apply_overrides, dumps_toml, read_toml, resolve
 
@@ -22,7 +22,8 @@ option = functools.partial(click.option, show_default=True)  # every option show
 
 
 def _fail(exc: CapsganError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    label = "[bold yellow]stopped:[/]" if isinstance(exc, Interrupted) else "[bold red]error:[/]"
+    err_console.print(f"{label} {exc}", highlight=False, soft_wrap=True)
     sys.exit(exc.exit_code)
 
 
