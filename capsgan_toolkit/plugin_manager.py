@@ -28,7 +28,7 @@ class BrokenPlugin:
     error: str
 
     def describe(self) -> str:
-        return f'plugin "{self.name}" (from {self.distribution}) is broken: {self.error}'
+        return f'plugin "{self.name}" (from {self.distribution}) is broken: {self.error.rstrip(".")}'
 
 
 @dataclass
@@ -102,6 +102,8 @@ def load_plugins(
             continue
         try:
             module = importlib.import_module(item) if isinstance(item, str) else item
+            if pm.is_registered(module):  # installed and also named in the recipe
+                continue
             pm.register(module, name=name)
         except Exception as exc:
             if strict_extra:
@@ -126,6 +128,8 @@ def register_all(result: PluginSet) -> None:
         try:
             impl.function(registry=result.registry)
         except Exception as exc:
+            # All or nothing: drop what the plugin registered before it failed.
+            result.registry.remove_source(name)
             dist = result.sources.get(name, "unknown distribution")
             result.broken.append(BrokenPlugin(name, dist, _error_text(exc)))
         finally:

@@ -120,6 +120,12 @@ class Registry:
         self._components[family][name] = comp
         return comp
 
+    def remove_source(self, source: str) -> None:
+        """Forget every component that plugin ``source`` registered."""
+        for components in self._components.values():
+            for name in [n for n, c in components.items() if c.source == source]:
+                del components[name]
+
     def get(self, family: str, name: str) -> Component:
         """Return the component, or raise a RegistryError with a suggestion."""
         if family not in self._components:
@@ -136,7 +142,7 @@ class Registry:
 
     def list(self, family: str, pattern: str = "*") -> list[str]:
         """Return the sorted names in ``family`` matching the glob ``pattern``."""
-        return sorted(n for n in self._components[family] if fnmatch.fnmatch(n, pattern))
+        return sorted(n for n in self._components.get(family, {}) if fnmatch.fnmatch(n, pattern))
 
     def components(self, family: str | None = None) -> list[Component]:
         """Return every component, or those of one family, sorted by family and name."""
