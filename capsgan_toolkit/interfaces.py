@@ -14,7 +14,8 @@ is the score of class ``k``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -272,6 +273,58 @@ class DatasetPlugin:
         raise NotImplementedError
 
 
+# ---------------------------------------------------------------------- metric features
+
+
+@dataclass
+class FeatureSetup:
+    """A feature extractor made ready for ``torch_fidelity.calculate_metrics``.
+
+    ``fidelity_kwargs`` select it (at least ``feature_extractor``, often
+    ``feature_extractor_weights_path``); ``identity`` names its weights uniquely (reference
+    feature caches and eval.json use it); ``metrics`` are those it supports among
+    ``fid``, ``kid``, ``isc`` (needs class logits) and ``prc``; ``classifier``, when not
+    ``None``, maps uint8 RGB images ``(B, 3, H, W)`` to logits over the data set's classes.
+    """
+
+    fidelity_kwargs: dict[str, Any]
+    identity: str
+    description: str
+    metrics: frozenset[str]
+    classifier: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class FeatureExtractor:
+    """A feature network for FID / KID / IS-style scores, run through torch-fidelity.
+
+    Args:
+        params: the component's validated ``Params``.
+        info: the data set's :class:`DatasetInfo`.
+        inception_weights: a local Inception weights file given by the recipe
+            (``eval.inception_weights``) or ``--inception-weights``; ``None`` if none.
+            Only Inception-based extractors use it.
+    """
+
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params, *, info: DatasetInfo, inception_weights: str | None = None):
+        self.params = params
+        self.info = info
+        self.inception_weights = inception_weights
+
+    def check(self) -> None:
+        """Raise a CapsganError now if the extractor cannot run later (weights missing offline)."""
+
+    def prepare(self, dataset: DatasetPlugin, *, data_id: str, cache_dir: Path, device: torch.device,
+                log: Callable[[str], None] | None = None) -> FeatureSetup:  # pragma: no cover - interface
+        """Make the network available (train and cache it, or find its weights) and describe it.
+
+        ``data_id`` identifies the data set's content (cache key); ``cache_dir`` is where a
+        trained network may be kept; ``log`` receives progress lines for people.
+        """
+        raise NotImplementedError
+
+
 FAMILIES: dict[str, type] = {
     "encoder": Encoder,
     "generator": Generator,
@@ -279,5 +332,6 @@ FAMILIES: dict[str, type] = {
     "loss": Loss,
     "gate": Gate,
     "dataset": DatasetPlugin,
+    "metric_features": FeatureExtractor,
 }
 """The component families and the base class each component must subclass."""

