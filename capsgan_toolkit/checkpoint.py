@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from capsgan_toolkit import __version__
 from capsgan_toolkit.errors import CheckpointError
 
 MAGIC = b"CAPSGAN-CKPT 1\n"
@@ -70,11 +71,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except BaseException as exc:
+        # Also on KeyboardInterrupt (a second Ctrl-C mid-write): leave no partial file behind.
         try:
             tmp.unlink()
         except OSError:
             pass
+        if not isinstance(exc, OSError):
+            raise
         raise CheckpointError(
             f"Could not write checkpoint {path}: {exc.strerror or exc}. The previous checkpoint "
             "is intact. Free disk space (or choose another --out) and resume."
@@ -97,6 +101,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except OSError as exc:
         raise CheckpointError(f"Cannot read checkpoint {path}: {exc}.") from None
     if not raw.startswith(MAGIC):
+        if len(raw) < len(MAGIC) and MAGIC.startswith(raw):
+            raise CheckpointError(
+                f"{path} is empty or truncated ({len(raw)} bytes). Use an earlier checkpoint from "
+                "the same checkpoints/ folder."
+            )
+        other = re.match(rb"CAPSGAN-CKPT (\S+)\n", raw[:64])
+        if other:
+            raise CheckpointError(
+                f"{path} is a capsgan checkpoint of file format {other.group(1).decode(errors='replace')}, "
+                f"but this toolkit (capsgan-toolkit {__version__}) reads format {FORMAT_VERSION}. "
+                "Use the toolkit version that wrote it."
+            )
         raise CheckpointError(
             f"{path} is not a capsgan checkpoint (no capsgan header). Only checkpoints written "
             "by `capsgan run` can be resumed or evaluated."
@@ -111,17 +127,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"GLOBAL (\S+?)[ .]*(?:\s|$)", text)
+        if found:
+            raise CheckpointError(
+                f"{path} was refused: it holds a pickled reference to {found.group(1)}, which could run "
+                "code when loaded; capsgan checkpoints hold only tensors and plain values. Do not load "
+                "files from untrusted sources."
+            ) from None
+        # torch's message starts with advice to retry without weights_only: never the advice here.
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        detail = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(boilerplate)]
         raise CheckpointError(
-            f"{path} was refused: it holds pickled Python objects beyond tensors and plain values, "
-            f"which could run code when loaded ({str(exc).splitlines()[0]}). Do not load files "
-            "from untrusted sources."
+            f"{path} could not be read as a checkpoint: its payload is damaged or holds more than "
+            f"tensors and plain values ({detail[-1] if detail else 'unpickling refused'}). Use a "
+            "checkpoint written by `capsgan run`."
         ) from None
     except Exception as exc:  # a checksum-valid but unreadable payload
         raise CheckpointError(f"{path} could not be read as a checkpoint: {type(exc).__name__}: {exc}.") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        fmt = state.get("format") if isinstance(state, dict) else "?"
+        writer = state.get("toolkit_version", "an unknown version") if isinstance(state, dict) else "an unknown version"
         raise CheckpointError(
-            f"{path} has checkpoint format {state.get('format') if isinstance(state, dict) else '?'}, "
-            f"but this toolkit reads format {FORMAT_VERSION}. Use the toolkit version that wrote it."
+            f"{path} has checkpoint format {fmt} (written by capsgan-toolkit {writer}), but this "
+            f"toolkit (capsgan-toolkit {__version__}) reads format {FORMAT_VERSION}. Use the toolkit "
+            "version that wrote it."
         )
     return state
 
@@ -147,13 +177,55 @@ def prune(folder: str | Path, keep_last: int) -> None:
             pass
 
 
-def latest(folder: str | Path) -> Path | None:
-    """Return the checkpoint to resume from: the newest of periodic, interrupt and final."""
-    folder = Path(folder)
-    candidates = list_periodic(folder)
-    for name in ("interrupt.pt", "final.pt"):
-        if (folder / name).exists():
-            candidates.append(folder / name)
-    if not candidates:
+def checkpoint_step(path: str | Path) -> int | None:
+    """Return the training step a checkpoint was taken at, or ``None`` if it cannot be read.
+
+    Periodic checkpoints carry it in their name; ``interrupt.pt`` and ``final.pt`` are read.
+    """
+    path = Path(path)
+    match = _PERIODIC_RE.match(path.name)
+    if match:
+        return int(match.group(1))
+    try:
+        return int(load_checkpoint(path)["position"]["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
         return None
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def latest(folder: str | Path) -> Path | None:
+    """Return the checkpoint to resume from: the one furthest into training.
+
+    Ranked by the step each file holds, never by modification time (copies, clock changes
+    and coarse file-system timestamps would make that pick an older one); on equal steps
+    final beats interrupt beats periodic. An unreadable ``interrupt.pt`` or ``final.pt``
+    is passed over when another checkpoint exists.
+    """
+    folder = Path(folder)
+    ranked = [(int(_PERIODIC_RE.match(p.name).group(1)), 0, p) for p in list_periodic(folder)]
+    unreadable = []
+    for rank, name in ((1, "interrupt.pt"), (2, "final.pt")):
+        path = folder / name
+        if path.exists():
+            step = checkpoint_step(path)
+            if step is None:
+                unreadable.append(path)
+            else:
+                ranked.append((step, rank, path))
+    if not ranked:
+        return unreadable[0] if unreadable else None  # loading it will explain what is wrong
+    return max(ranked, key=lambda item: item[:2])[2]
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary files left by writes that a crash interrupted; return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for tmp in folder.glob(".*.tmp-*"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from capsgan_toolkit import __version__
 from capsgan_toolkit.errors import CapsganError, Interrupted, RecipeError
@@ -23,7 +26,10 @@ option = functools.partial(click.option, show_default=True)  # every option show
 
 def _fail(exc: CapsganError) -> None:
     label = "[bold yellow]stopped:[/]" if isinstance(exc, Interrupted) else "[bold red]error:[/]"
-    err_console.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+    try:
+        err_console.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C while the first stop is reported: keep the exit code, not click's "Aborted!"
     sys.exit(exc.exit_code)
 
 
@@ -36,13 +42,23 @@ def friendly(func):
             return func(*args, **kwargs)
         except CapsganError as exc:
             _fail(exc)
+        except KeyboardInterrupt:
+            # Caught here, inside the command: click would turn it into "Aborted!" and exit code 1.
+            _abort()
 
     return wrapper
 
 
+def _abort() -> None:
+    err_console.print("[red]aborted[/]: interrupted at once (a second Ctrl-C, or one before training began); "
+                      "checkpoints already on disk are intact. Resume with `capsgan run --resume RUN_DIR`.",
+                      highlight=False, soft_wrap=True)
+    sys.exit(130)
+
+
 def _warn_broken(plugins: PluginSet) -> None:
     for broken in plugins.broken:
-        err_console.print(f"[yellow]warning:[/] {broken.describe()}; its components are unavailable.",
+        err_console.print("[yellow]warning:[/] ", Text(f"{broken.describe()}. Its components are unavailable."),
                           highlight=False, soft_wrap=True)
 
 
@@ -72,7 +88,7 @@ def validate(recipe, sets):
     """Check RECIPE and print it with every default filled in."""
     _, resolved = load_recipe_with_plugins(recipe, sets)
     console.print(f"# {recipe}: valid", style="green", highlight=False)
-    console.print(dumps_toml(resolved.to_dict()), highlight=False, markup=False)
+    console.print(dumps_toml(resolved.to_dict()), highlight=False, markup=False, soft_wrap=True)
 
 
 @cli.command()
@@ -94,10 +110,10 @@ def plugins(family, params):
         if params:
             table.add_column("params (default)")
         for comp in loaded.registry.components(fam):
-            row = [comp.name, f"{comp.source} ({loaded.sources.get(comp.source, '?')})",
-                   (comp.role + ": " if comp.role else "") + comp.description]
+            row = [Text(comp.name), Text(f"{comp.source} ({loaded.sources.get(comp.source, '?')})"),
+                   Text((comp.role + ": " if comp.role else "") + comp.description)]
             if params:
-                row.append(_describe_params(comp.params_model))
+                row.append(Text(_describe_params(comp.params_model)))
             table.add_row(*row)
         console.print(table)
 
@@ -107,7 +123,8 @@ def _describe_params(model) -> str:
     for name, field in model.model_fields.items():
         key = field.alias or name
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        lines.append(f"{key} = {default}")
+        note = f"  # {field.description}" if field.description else ""
+        lines.append(f"{key} = {default}{note}")
     return "\n".join(lines) or "-"
 
 
@@ -140,8 +157,9 @@ def run(recipe, out, sets, resume, overwrite, quiet):
         plugins, resolved = load_recipe_with_plugins(recipe or run_dir / "recipe.toml", sets)
         from capsgan_toolkit.checkpoint import load_checkpoint
 
-        saved = load_checkpoint(checkpoint_path)
-        changes = runs.breaking_changes(saved["recipe"], resolved.to_dict())
+        # A run stopped before its first checkpoint has nothing to break: it starts over.
+        saved = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+        changes = runs.breaking_changes(saved["recipe"], resolved.to_dict()) if saved is not None else []
         if changes:
             raise CapsganError(
                 f"Cannot resume {run_dir} with this recipe: these keys changed in ways that break the run:\n  "
@@ -149,14 +167,22 @@ def run(recipe, out, sets, resume, overwrite, quiet):
                 + "\nResume with the run's own recipe (omit RECIPE), or start a new run with --out."
             )
         runs.write_recipe(resolved, run_dir)
+        if checkpoint_path is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # rows of the attempt that left no checkpoint
         if not quiet:
-            console.print(f"Resuming {run_dir} from {checkpoint_path.name}", highlight=False)
+            console.print(f"Resuming {run_dir} from {checkpoint_path.name}" if checkpoint_path is not None
+                          else f"{run_dir} holds no checkpoint yet: starting it from the beginning", highlight=False)
     else:
         plugins, resolved = load_recipe_with_plugins(recipe, sets)
         run_dir = runs.prepare_new(Path(out) if out else runs.default_run_dir(resolved), overwrite=overwrite)
         runs.write_recipe(resolved, run_dir)
         checkpoint_path = None
-    trainer = Trainer(resolved, plugins, run_dir, console=None if quiet else console, resume_from=checkpoint_path)
+    try:
+        trainer = Trainer(resolved, plugins, run_dir, console=None if quiet else console, resume_from=checkpoint_path)
+    except CapsganError:
+        if resume is None:
+            runs.discard_unstarted(run_dir)  # e.g. a missing data set: the same command works once fixed
+        raise
     if not quiet:
         console.print(
             f"Training [bold]{resolved.recipe.run.name}[/] on {trainer.device}: "
@@ -179,6 +205,14 @@ def main(argv=None):
     """Entry point of the ``capsgan`` console script."""
     try:
         cli.main(args=argv, prog_name="capsgan", standalone_mode=True)
+    except SystemExit as exc:
+        if exc.code == Interrupted.exit_code:
+            # Stopped by a signal, checkpoint written: another Ctrl-C while Python shuts down leaves
+            # at once, without the traceback an interrupted interpreter exit would print.
+            signal.signal(signal.SIGINT, lambda *_: os._exit(Interrupted.exit_code))
+        raise
     except KeyboardInterrupt:
-        err_console.print("[red]aborted[/]: second interrupt; the last checkpoint on disk is intact.")
-        sys.exit(130)
+        _abort()
+
+
+from capsgan_toolkit import cli_eval  # noqa: E402,F401  (registers eval and sample)

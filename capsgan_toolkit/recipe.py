@@ -10,8 +10,8 @@ side by side::
 Validation runs in two passes. The first checks the recipe's own structure (this
 module's models, unknown keys rejected); the second resolves every ``plugin`` name
 in the registry and validates the remaining keys against that component's
-``Params``. All errors of both passes are reported together with the file, the
-dotted key, the bad value and what is allowed.
+``Params``. Every error of a pass is reported at once, with the file, the dotted
+key, the bad value and what is allowed; the second pass runs once the first is clean.
 """
 
 from __future__ import annotations
@@ -103,6 +103,62 @@ class OutputSection(_Strict):
     sample_images: int = Field(16, ge=1, le=256, description="Real/reconstruction pairs in a sample grid.")
 
 
+EVAL_METRICS: dict[str, str] = {
+    "acc": "encoder accuracy on the whole test split",
+    "rec": "MSE, PSNR and SSIM of reconstructions of held-out images",
+    "rec_fid": "FID between reconstructions and their real images (per feature extractor)",
+    "rec_kid": "KID between reconstructions and their real images (per feature extractor)",
+    "gen_fid": "FID of new images sampled from the latent prior (per feature extractor)",
+    "gen_kid": "KID of new images sampled from the latent prior (per feature extractor)",
+    "gen_is": "Inception-style score of new images (extractors with class logits)",
+    "gen_prc": "precision and recall of new images (per feature extractor)",
+    "gen_condacc": "how often a domain classifier recognises the class a new image was sampled for",
+}
+"""Names accepted in ``eval.metrics`` and ``capsgan eval --metrics``."""
+
+
+class EvalSection(_Strict):
+    """Evaluation: which metrics, how often during training, on how many images."""
+
+    metrics: list[str] = Field(
+        default_factory=lambda: ["acc", "rec", "rec_fid", "gen_fid", "gen_kid", "gen_is", "gen_condacc"],
+        description=f"Metrics to compute; any of: {', '.join(EVAL_METRICS)}.",
+    )
+    every_epochs: int = Field(
+        0, ge=0, description='Epochs between evaluations during training (rows of kind "eval"); 0: only `capsgan eval`.'
+    )
+    num_images: int = Field(
+        1000, ge=10, description="Generated images per score, and reference images (the whole split when smaller)."
+    )
+    reference_split: Literal["test", "train"] = Field("test", description="Split the reference images come from.")
+    features: dict[str, ComponentSpec] = Field(
+        default_factory=lambda: {"domain": ComponentSpec(plugin="domain_classifier")},
+        description="Feature extractors by label (the label ends each score's name), each a metric_features component.",
+    )
+    inception_weights: str = Field(
+        "", description="Local torch-fidelity Inception-v3 weights file; empty: torch-fidelity's download/cache."
+    )
+    prior_images: int = Field(10000, ge=0, description="Training images encoded to fit the latent prior; 0: all.")
+    seed: int = Field(0, ge=0, description="Seed of the reference subset, prior samples and score subsets.")
+    batch_size: int = Field(100, ge=1, description="Images per batch when encoding, generating and extracting features.")
+    cache_dir: str = Field(
+        "", description="Cache of trained domain extractors and reference features; empty: $CAPSGAN_CACHE or ~/.cache/capsgan."
+    )
+
+    @model_validator(mode="after")
+    def _known_names(self):
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
+        if unknown:
+            raise ValueError(
+                f"unknown metric {unknown[0]!r}.{suggest(unknown[0], list(EVAL_METRICS))} "
+                f"Allowed: {', '.join(EVAL_METRICS)}"
+            )
+        bad = [label for label in self.features if not label.isidentifier() or label.lower() != label]
+        if bad:
+            raise ValueError(f"feature extractor label {bad[0]!r} must be a lowercase identifier (it ends metric names)")
+        return self
+
+
 class Recipe(_Strict):
     """A whole, validated recipe."""
 
@@ -116,6 +172,7 @@ class Recipe(_Strict):
     gate: ComponentSpec = Field(default_factory=lambda: ComponentSpec(plugin="always"))
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     def component_slots(self) -> list[tuple[str, str, ComponentSpec]]:
         """Return ``(dotted key, family, spec)`` for every component table present."""
@@ -132,6 +189,8 @@ class Recipe(_Strict):
             slots.append(("losses.reconstruction", "loss", self.losses.reconstruction))
         if self.losses.adversarial is not None:
             slots.append(("losses.adversarial", "loss", self.losses.adversarial))
+        for label, spec in self.eval.features.items():
+            slots.append((f"eval.features.{label}", "metric_features", spec))
         return slots
 
 
@@ -247,7 +306,12 @@ def read_toml(path: str | Path) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML: {exc}. Fix the syntax at that line and column.") from None
+        message = str(exc)
+        if "(at end of document)" in message:  # tomllib gives no line and column there
+            lines = text.split("\n")
+            message = message.replace("(at end of document)",
+                                      f"(at line {len(lines)}, column {len(lines[-1]) + 1}: the end of the file)")
+        raise RecipeError(f"{path}: not valid TOML: {message}. Fix the syntax at that line and column.") from None
 
 
 def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrides: dict[str, str] | None = None) -> ResolvedRecipe:
@@ -326,10 +390,9 @@ def dumps_toml(data: dict, _prefix: str = "") -> str:
     out.extend(scalars)
     for key, value in tables:
         name = f"{_prefix}.{_toml_key(key)}" if _prefix else _toml_key(key)
-        block = dumps_toml(value, name)
-        if block:
-            out.append("")
-            out.append(block)
+        block = dumps_toml(value, name) or f"[{name}]"  # an empty table still says it is there
+        out.append("")
+        out.append(block)
     return "\n".join(out).strip("\n")
 
 

@@ -12,7 +12,7 @@ from capsgan_toolkit.recipe import ResolvedRecipe, dumps_toml
 
 RESUMABLE_CHANGES = (
     "run.epochs", "run.device", "run.threads", "run.eval_batches", "run.log_every", "run.name",
-    "checkpoint.", "output.",
+    "checkpoint.", "output.", "eval.",
 )
 """Recipe keys that may differ between a run and its resume; any other change is refused."""
 
@@ -46,17 +46,46 @@ def write_recipe(resolved: ResolvedRecipe, run_dir: Path) -> Path:
     return path
 
 
-def resume_checkpoint(run_dir: Path) -> Path:
-    """Return the checkpoint to resume ``run_dir`` from, or explain why there is none."""
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """Return the checkpoint to resume ``run_dir`` from.
+
+    Returns ``None`` for a run stopped before its first checkpoint (the folder holds its
+    recipe.toml but no checkpoint): it restarts from the beginning, nothing being lost.
+    Temporary files of checkpoint writes that a crash interrupted are deleted.
+
+    Raises:
+        RunFolderError: no such folder, or a folder that holds no run.
+    """
     if not run_dir.is_dir():
         raise RunFolderError(f"Cannot resume {run_dir}: no such run folder.")
+    ckpt.remove_stale_temporaries(run_dir / "checkpoints")
     found = ckpt.latest(run_dir / "checkpoints")
-    if found is None:
+    if found is None and not (run_dir / "recipe.toml").is_file():
         raise RunFolderError(
-            f"Cannot resume {run_dir}: it holds no checkpoint (checkpoints/ is empty). The run "
-            "stopped before its first checkpoint; start it again with --overwrite."
+            f"Cannot resume {run_dir}: it holds no checkpoint and no recipe.toml, so it is not a "
+            "run folder. Start a run there with `capsgan run RECIPE --out` (add --overwrite if it is not empty)."
         )
     return found
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove what :func:`prepare_new` and :func:`write_recipe` created, if training never began.
+
+    Used when a new run fails before its first step (a missing data set, say), so that
+    running the same command again after the fix is not refused as an existing run.
+    """
+    if (run_dir / "metrics.jsonl").exists() or ckpt.latest(run_dir / "checkpoints") is not None:
+        return  # training began: keep everything
+    (run_dir / "recipe.toml").unlink(missing_ok=True)
+    for sub in ("checkpoints", "samples"):
+        try:
+            (run_dir / sub).rmdir()  # only if empty: never delete results
+        except OSError:
+            pass
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

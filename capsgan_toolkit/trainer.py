@@ -31,7 +31,7 @@ from capsgan_toolkit.errors import CapsganError, CheckpointError, Interrupted, N
 from capsgan_toolkit.interfaces import TrainState
 from capsgan_toolkit.plugin_manager import PluginSet
 from capsgan_toolkit.recipe import ResolvedRecipe
-from capsgan_toolkit.reporting import MetricsLog, plot_curves, read_metrics, save_pairs
+from capsgan_toolkit.reporting import MetricsLog, plot_curves, read_metrics, save_pairs, save_traversal
 
 _TIMING_KEYS = ("images_per_s", "time_s")
 
@@ -139,6 +139,9 @@ class Trainer:
         self._last_minutes_ckpt = time.monotonic()
         if resume_from is not None:
             self._restore(ckpt.load_checkpoint(resume_from, map_location=self.device), resume_from)
+        from capsgan_toolkit.evaluation import preflight
+
+        preflight(resolved, plugins.registry, self.c.info)  # e.g. Inception weights missing offline: fail now
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -185,7 +188,7 @@ class Trainer:
         self.skipped_steps, self.best_test_acc = run["skipped_steps"], run["best_test_acc"]
         self.elapsed, self._acc = run["elapsed"], run["accumulator"]
         _set_rng_state(state["rng"])
-        self.metrics.truncate_after(self.step)
+        self.metrics.truncate_after(self.step, self.epoch)
 
     def save(self, name: str) -> Path:
         """Write checkpoint ``name`` atomically into checkpoints/."""
@@ -212,13 +215,29 @@ class Trainer:
         if not bad:
             return True
         if self.recipe.run.on_nan == "skip":
-            self.skipped_steps += 1
+            if not self._step_skipped:  # count steps, not the checks that failed within one
+                self.skipped_steps += 1
+                self._step_skipped = True
             return False
+        last = ckpt.latest(self.ckpt_dir)
+        kept = (f"the last good checkpoint, {last}, is intact" if last is not None
+                else "no checkpoint had been written yet")
         raise NumericalError(
-            f"Step {self.step} (epoch {self.epoch}): {what} {', '.join(bad)} is NaN or Inf. Training stopped; "
-            f"the last good checkpoint in {self.ckpt_dir} is intact. Lower the learning rate, or set "
-            'run.on_nan = "skip" to skip such steps and count them.'
+            f"Step {self.step + 1} (epoch {self.epoch}, as numbered in metrics.jsonl): {what} "
+            f"{', '.join(self._describe(name, what) for name in bad)} is NaN or Inf. Training stopped; {kept}. "
+            'Lower the learning rate, or set run.on_nan = "skip" to skip such steps and count them.'
         )
+
+    def _describe(self, name: str, what: str) -> str:
+        """Name the recipe slot and plugin behind a loss (``what`` is about a loss), else the model."""
+        if "loss" not in what:
+            return f"the {name}"
+        slot = {"discriminator": "adversarial"}.get(name, name)
+        spec = getattr(self.recipe.losses, slot, None)
+        trains = {"classification": "encoder", "reconstruction": "encoder and generator",
+                  "adversarial": "generator", "discriminator": "discriminator"}.get(name, "models")
+        plugin = f' (losses.{slot}, plugin "{spec.plugin}")' if spec is not None else ""
+        return f"{name}{plugin}, which trains the {trains},"
 
     def _grad_norms(self, module) -> torch.Tensor:
         grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -229,6 +248,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Run one step of the algorithm on a batch."""
         c, losses_cfg = self.c, self.recipe.losses
+        self._step_skipped = False
         capsules = c.encoder(images)
         cls_loss = c.classification(capsules, labels)
         batch_acc = (c.encoder.class_scores(capsules).argmax(1) == labels).float().mean().item()
@@ -247,7 +267,7 @@ class Trainer:
                     real_logits = c.discriminator(images)
                     fake_logits = c.discriminator(fake.detach())
                     d_loss = c.adversarial.discriminator_loss(real_logits, fake_logits)
-                    if self._check_finite({"discriminator": d_loss}, "the discriminator loss of"):
+                    if self._check_finite({"discriminator": d_loss}, "the loss"):
                         self.opt_d.zero_grad(set_to_none=True)
                         d_loss.backward()
                         if self._check_finite({"discriminator": self._grad_norms(c.discriminator)}, "the gradient of"):
@@ -334,11 +354,19 @@ class Trainer:
         self.c.encoder.train(), self.c.generator.train()
         return save_pairs(images, recon, self.samples_dir / name)
 
+    def save_traversal(self, images: int = 2) -> Path:
+        """Save the capsule traversal picture of a few test images (``traversal.png``)."""
+        batch = torch.stack([self.test_set[i][0] for i in range(min(images, len(self.test_set)))]).to(self.device)
+        return save_traversal(self.c.encoder, self.c.generator, batch, self.run_dir / "traversal.png")
+
     def _end_epoch(self) -> dict[str, Any]:
         metrics = self.evaluate()
         row = {"kind": "epoch", "epoch": self.epoch, "step": self.step, **metrics,
                "encoder_acc": self.encoder_acc, "disc_acc": self.disc_acc, "time_s": self.elapsed}
         self.metrics.append(row)
+        from capsgan_toolkit.evaluation import periodic_evaluation
+
+        periodic_evaluation(self)  # a row of kind "eval" when eval.every_epochs says so
         if (self.epoch + 1) % self.recipe.output.samples_every_epochs == 0 or self.epoch + 1 == self.recipe.run.epochs:
             self.save_samples(f"epoch_{self.epoch + 1:03d}.png")
         plot_curves(read_metrics(self.metrics.path), self.run_dir / "curves.png", title=self.recipe.run.name)
@@ -390,10 +418,13 @@ class Trainer:
                         self._save_periodic()
                     self._say_epoch(row)
                     self.plugins.emit("epoch_end", {"run_dir": str(self.run_dir), "metrics": row})
+                    if self._stop_signal is not None and self.epoch < run.epochs:
+                        self._interrupt()  # the signal came during the end-of-epoch work
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
         self.save("final.pt")
+        self.save_traversal()
         summary = self.summary()
         self.plugins.emit("run_end", {"run_dir": str(self.run_dir), "summary": summary})
         return summary
@@ -403,8 +434,11 @@ class Trainer:
         order = epoch_permutation(run.seed, self.epoch, len(self.train_set))
         batches = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
                    for i in range(self.batch_in_epoch, self.batches_per_epoch)]
+        # An own generator: iterating a DataLoader draws its base seed from the generator it is
+        # given, which by default is the global one, and a resumed epoch builds an extra loader.
         loader = DataLoader(self.train_set, batch_sampler=batches,
-                            num_workers=self.resolved.params["data"].num_workers)
+                            num_workers=self.resolved.params["data"].num_workers,
+                            generator=torch.Generator().manual_seed(run.seed * 1_000_003 + self.epoch))
         tick = time.perf_counter()
         for images, labels in loader:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

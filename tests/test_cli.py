@@ -63,6 +63,8 @@ def test_quickstart_run_folder_has_everything(quickstart_run):
         assert img.size[0] > 500
     with Image.open(out / "samples" / "epoch_002.png") as img:
         assert img.size[0] > 100
+    with Image.open(out / "traversal.png") as img:  # 2 images x 16 capsule dims rows, 11 steps
+        assert img.size == (11 * 34 + 2, 2 * 16 * 34 + 2)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and 0.0 <= summary["test_acc"] <= 1.0
 
@@ -111,3 +113,33 @@ def test_bad_recipe_exits_nonzero_without_traceback(tiny_recipe, tmp_path):
 def test_run_needs_a_recipe_or_resume():
     result = invoke("run")
     assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_traversal_sweeps_one_dimension_per_row():
+    import torch
+
+    from capsgan_toolkit.interfaces import Encoder, EncoderParams
+    from capsgan_toolkit.reporting import save_traversal
+
+    class FixedEncoder(Encoder):
+        def forward(self, images):
+            caps = torch.zeros(images.shape[0], 3, 2)
+            caps[:, 1] = torch.tensor([0.5, 0.1])  # class 1 predicted
+            return caps
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, latent):
+            seen.append(latent.clone())
+            return torch.zeros(latent.shape[0], 1, 4, 4)
+
+    enc = FixedEncoder(EncoderParams(), image_shape=(1, 4, 4), num_classes=3)
+    save_traversal(enc, Recorder(), torch.zeros(1, 1, 4, 4), Path(__import__("tempfile").mkdtemp()) / "t.png",
+                   span=0.2, steps=3)
+    latents = seen[0].view(2, 3, 3, 2)  # (dim, step, K, D)
+    expected = torch.tensor([-0.2, 0.0, 0.2])
+    assert torch.allclose(latents[0, :, 1, 0], 0.5 + expected)  # dim 0 swept
+    assert torch.allclose(latents[0, :, 1, 1], torch.full((3,), 0.1))  # dim 1 untouched
+    assert torch.allclose(latents[1, :, 1, 1], 0.1 + expected)
+    assert torch.count_nonzero(latents[:, :, [0, 2]]) == 0  # other capsules untouched

@@ -1,0 +1,1 @@
+"""Plugin modules the reliability tests name in recipes through ``run.plugins``."""
