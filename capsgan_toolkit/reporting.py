@@ -91,8 +91,10 @@ def save_pairs(real: torch.Tensor, recon: torch.Tensor, path: str | Path) -> Pat
     nrow = min(n, 8)
     rows = []
     for start in range(0, n, nrow):
-        rows.append(real[start:start + nrow])
-        rows.append(recon[start:start + nrow])
+        pad = max(0, start + nrow - n)  # blank cells keep each pair in one column
+        blank = torch.ones((pad, *real.shape[1:]), dtype=real.dtype, device=real.device)
+        rows.append(torch.cat([real[start:start + nrow], blank]))
+        rows.append(torch.cat([recon[start:start + nrow], blank]))
     return save_grid(torch.cat(rows), path, nrow=nrow)
 
 

@@ -261,7 +261,7 @@ class CapsNetEncoder(Encoder):
         u = x.view(bsz, h2, w2, p.primary_types, p.primary_dim).permute(3, 1, 2, 0, 4)
         u = squash(u.reshape(p.primary_types, h2 * w2 * bsz, p.primary_dim))
         if not p.share_weights_across_positions:
-            u = u.view(self.num_children, bsz, p.primary_dim)
+            u = u.reshape(self.num_children, bsz, p.primary_dim)
         # One batched matmul: (rows, M, P) x (rows, P, K*D), rows = children or types.
         u_hat = torch.bmm(u, self.weight.to(u.dtype))
         # (N, B*K, D) -> (B*K, N, D) memory in one copy, handed over as a (B, N, K, D) view.

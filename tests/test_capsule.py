@@ -393,3 +393,13 @@ def test_routing_traces_as_one_graph():
 def test_compiled_routing_matches_eager():
     torch._dynamo.reset()
     _check_compiled_routing("inductor")
+
+
+def test_single_image_batch_matches_the_same_image_in_a_batch():
+    torch.manual_seed(3)
+    enc = CapsNetEncoder(
+        CapsNetEncoder.Params(conv1_channels=8, conv1_kernel=5, primary_types=2, primary_kernel=5),
+        image_shape=(1, 16, 16), num_classes=3,
+    ).eval()
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.allclose(enc(x[:1]), enc(x)[:1], atol=1e-6)

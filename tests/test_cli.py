@@ -143,3 +143,18 @@ def test_traversal_sweeps_one_dimension_per_row():
     assert torch.allclose(latents[0, :, 1, 1], torch.full((3,), 0.1))  # dim 1 untouched
     assert torch.allclose(latents[1, :, 1, 1], 0.1 + expected)
     assert torch.count_nonzero(latents[:, :, [0, 2]]) == 0  # other capsules untouched
+
+
+def test_sample_pairs_keep_each_reconstruction_under_its_image(tmp_path):
+    import torch
+
+    from capsgan_toolkit.reporting import save_pairs
+
+    real = torch.full((10, 1, 2, 2), -1.0)  # black
+    recon = torch.full((10, 1, 2, 2), 1.0)  # white
+    save_pairs(real, recon, tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as img:
+        grid = torch.tensor(list(img.convert("L").getdata())).view(img.size[1], img.size[0])
+    cell = lambda r, c: grid[2 + r * 4, 2 + c * 4].item()  # noqa: E731 - top-left pixel of cell (r, c)
+    assert [cell(0, c) for c in range(8)] == [0] * 8 and [cell(1, c) for c in range(8)] == [255] * 8
+    assert [cell(2, c) for c in range(2)] == [0, 0] and [cell(3, c) for c in range(2)] == [255, 255]
