@@ -32,12 +32,12 @@ def quickstart_run(tmp_path_factory):
     return out
 
 
-def test_plugins_lists_all_six_families_with_sources_and_params():
+def test_plugins_lists_every_family_with_sources_and_params():
     result = invoke("plugins")
     assert result.exit_code == 0
-    for family in ("encoder", "generator", "discriminator", "loss", "gate", "dataset"):
+    for family in ("encoder", "generator", "discriminator", "loss", "gate", "dataset", "metric_features"):
         assert family in result.output
-    for name in ("capsnet", "cnn", "dcgan", "margin", "minimax", "accuracy_band", "glyphs", "mnist"):
+    for name in ("capsnet", "cnn", "dcgan", "margin", "minimax", "accuracy_band", "glyphs", "mnist", "domain_classifier"):
         assert name in result.output
     assert "builtin_gates" in result.output and "warmup_epochs" in result.output
 
