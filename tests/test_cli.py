@@ -154,7 +154,7 @@ def test_sample_pairs_keep_each_reconstruction_under_its_image(tmp_path):
     recon = torch.full((10, 1, 2, 2), 1.0)  # white
     save_pairs(real, recon, tmp_path / "p.png")
     with Image.open(tmp_path / "p.png") as img:
-        grid = torch.tensor(list(img.convert("L").getdata())).view(img.size[1], img.size[0])
+        grid = torch.tensor(__import__("numpy").array(img.convert("L")), dtype=torch.long)
     cell = lambda r, c: grid[2 + r * 4, 2 + c * 4].item()  # noqa: E731 - top-left pixel of cell (r, c)
     assert [cell(0, c) for c in range(8)] == [0] * 8 and [cell(1, c) for c in range(8)] == [255] * 8
     assert [cell(2, c) for c in range(2)] == [0, 0] and [cell(3, c) for c in range(2)] == [255, 255]
