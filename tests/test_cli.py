@@ -158,3 +158,16 @@ def test_sample_pairs_keep_each_reconstruction_under_its_image(tmp_path):
     cell = lambda r, c: grid[2 + r * 4, 2 + c * 4].item()  # noqa: E731 - top-left pixel of cell (r, c)
     assert [cell(0, c) for c in range(8)] == [0] * 8 and [cell(1, c) for c in range(8)] == [255] * 8
     assert [cell(2, c) for c in range(2)] == [0, 0] and [cell(3, c) for c in range(2)] == [255, 255]
+
+
+def test_resume_latest_continues_the_recipes_default_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = ROOT / "recipes" / "quickstart_cnn.toml"
+    assert invoke("run", recipe, "--quiet", *FAST).exit_code == 0
+    run_dir = tmp_path / "runs" / "quickstart-cnn"
+    assert (run_dir / "checkpoints" / "final.pt").is_file()
+    result = invoke("run", recipe, "--resume", "latest", "--quiet", "--set", "run.epochs=3", *FAST[2:])
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert epochs == [0, 1, 2]
