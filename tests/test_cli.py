@@ -171,3 +171,21 @@ def test_resume_latest_continues_the_recipes_default_run_folder(tmp_path, monkey
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "epoch"]
     assert epochs == [0, 1, 2]
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                    reason="real Fashion-MNIST files absent: install Debian's dataset-fashion-mnist")
+def test_trains_briefly_on_real_fashion_mnist(tmp_path, tiny_recipe):
+    tiny_recipe["data"] = {"plugin": "fashion_mnist", "subset": 2048, "batch_size": 32}
+    tiny_recipe["encoder"] = {"plugin": "cnn", "channels": 16, "batch_norm": False, "latent": "true_class"}
+    tiny_recipe["gate"] = {"plugin": "always"}
+    tiny_recipe["run"].update({"epochs": 1, "steps_per_epoch": 60, "log_every": 20, "eval_batches": 8})
+    path = write_toml(tmp_path / "fashion.toml", tiny_recipe)
+    out = tmp_path / "run"
+    result = invoke("run", path, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_acc"] > 0.4  # 10 classes: chance is 0.1
