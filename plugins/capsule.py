@@ -7,7 +7,8 @@ dimensions at every grid position, squashed) -> one transformation matrix
 class capsules of ``class_dim`` dimensions. The length of class capsule ``k`` is
 the score of class ``k``.
 
-Also public: :func:`squash` and :func:`dynamic_routing`, usable on their own.
+Also public: :func:`dynamic_routing`, usable on its own, and :func:`squash`
+(defined in :mod:`capsgan_toolkit.layers`, importable from here too).
 """
 
 from __future__ import annotations
@@ -23,18 +24,9 @@ from torch import nn
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams
+from capsgan_toolkit.layers import check_image_batch, squash
 
 __all__ = ["CapsNetEncoder", "dynamic_routing", "squash"]
-
-
-def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    """Return ``|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps)`` along ``dim``.
-
-    The epsilon sits inside the square root so that the value and the gradient
-    are finite at ``s = 0`` (where both are zero); output lengths are below 1.
-    """
-    sq = s.pow(2).sum(dim, keepdim=True)
-    return s * (sq / ((1.0 + sq) * torch.sqrt(sq + eps)))
 
 
 def _coupling(logits: torch.Tensor, leaky: bool) -> torch.Tensor:
@@ -270,12 +262,7 @@ class CapsNetEncoder(Encoder):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return class capsules ``(B, K, D)`` (float32 under autocast) and fill diagnostics."""
-        expected = self.image_shape
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise RecipeError(
-                f"capsnet was built for images of shape {expected}; got a batch of shape "
-                f"{tuple(images.shape)}."
-            )
+        check_image_batch("capsnet", images, self.image_shape)
         v, c = dynamic_routing(
             self.predictions(images),
             self.params.routing_iterations,

@@ -6,7 +6,8 @@ capsule length is a class score in ``[0, 1)`` and every loss, generator and metr
 treats them exactly as it treats a CapsNet's output.
 
 Registered names: encoder ``cnn`` (DCGAN-style strided conv stack) and encoder
-``resnet`` (a small residual network).
+``resnet`` (a small residual network). The squash, the shape check and the conv
+stack come from :mod:`capsgan_toolkit.layers`.
 """
 
 from __future__ import annotations
@@ -20,74 +21,7 @@ from torch import nn
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams
-
-SQUASH_EPS = 1e-8
-"""Added to the squared length *inside* the square root, so the gradient at zero length is finite."""
-
-
-def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
-    """Return ``(|s|^2 / (1 + |s|^2)) * s / sqrt(|s|^2 + eps)`` along ``dim``.
-
-    The output has the direction of ``s`` and a length in ``[0, 1)``.
-    """
-    sq = s.pow(2).sum(dim=dim, keepdim=True)
-    return s * (sq / (1.0 + sq)) / torch.sqrt(sq + eps)
-
-
-def strided_depth(size: int, min_size: int = 4) -> int:
-    """Return how many stride-2 halvings keep ``size`` at or above ``min_size`` pixels.
-
-    28 -> 2 (7x7 at the end), 32 -> 3 (4x4), 64 -> 4 (4x4): the DCGAN layout.
-    """
-    depth = 0
-    while size // 2 >= min_size:
-        size //= 2
-        depth += 1
-    return depth
-
-
-def conv_stack(
-    in_channels: int,
-    base_channels: int,
-    depth: int,
-    *,
-    batch_norm: bool,
-    dropout: float = 0.0,
-    max_channels: int = 512,
-    spectral_norm: bool = False,
-) -> tuple[nn.Sequential, int]:
-    """Build ``depth`` DCGAN-style blocks: conv 4x4 stride 2, [BatchNorm], LeakyReLU(0.2), [Dropout].
-
-    Widths double from ``base_channels`` at each block (capped at ``max_channels``).
-    The first block has no BatchNorm, as in DCGAN: normalising raw pixels only
-    removes information the next layers need.
-
-    Returns:
-        The stack and its number of output channels.
-    """
-    layers: list[nn.Module] = []
-    channels = in_channels
-    for i in range(depth):
-        out = min(base_channels * 2**i, max(max_channels, base_channels))
-        use_bn = batch_norm and i > 0
-        conv = nn.Conv2d(channels, out, kernel_size=4, stride=2, padding=1, bias=not use_bn)
-        if spectral_norm:
-            conv = nn.utils.parametrizations.spectral_norm(conv)
-        layers.append(conv)
-        if use_bn:
-            layers.append(nn.BatchNorm2d(out))
-        layers.append(nn.LeakyReLU(0.2, inplace=True))
-        if dropout > 0:
-            layers.append(nn.Dropout2d(dropout))
-        channels = out
-    return nn.Sequential(*layers), channels
-
-
-def _check_image_shape(kind: str, image_shape: Sequence[int]) -> tuple[int, int, int]:
-    if len(image_shape) != 3 or min(image_shape) < 1:
-        raise RecipeError(f"{kind} needs an image shape (C, H, W) of positive sizes, got {tuple(image_shape)}.")
-    c, h, w = (int(x) for x in image_shape)
-    return c, h, w
+from capsgan_toolkit.layers import check_image_shape, conv_stack, squash, strided_depth
 
 
 class _CapsuleHead(nn.Module):
@@ -132,7 +66,7 @@ class CNNEncoder(Encoder):
 
     def __init__(self, params: Params, *, image_shape: Sequence[int], num_classes: int):
         super().__init__(params, image_shape=image_shape, num_classes=num_classes)
-        c, h, w = _check_image_shape('Encoder "cnn"', image_shape)
+        c, h, w = check_image_shape('Encoder "cnn"', image_shape)
         depth = params.depth if params.depth is not None else strided_depth(min(h, w))
         if depth < 1:
             raise RecipeError(f'Encoder "cnn" needs images of at least 2x2 pixels, got {h}x{w}.')
@@ -197,7 +131,7 @@ class ResNetEncoder(Encoder):
     def __init__(self, params: Params, *, image_shape: Sequence[int], num_classes: int):
         super().__init__(params, image_shape=image_shape, num_classes=num_classes)
         # Padded 3x3 stride-2 convs round up (ceil(n / 2)), so no stage count empties the map.
-        c, _, _ = _check_image_shape('Encoder "resnet"', image_shape)
+        c, _, _ = check_image_shape('Encoder "resnet"', image_shape)
         self.capsule_dim = params.capsule_dim
         self.stem = nn.Sequential(
             nn.Conv2d(c, params.width, 3, padding=1, bias=False),

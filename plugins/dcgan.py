@@ -16,23 +16,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from capsgan_plugins.cnn import conv_stack, strided_depth
 from capsgan_toolkit import hookimpl
-from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.interfaces import Discriminator, Generator
 from capsgan_toolkit.interfaces import Params as ComponentParams
-
-
-def _square_shape(kind: str, image_shape: Sequence[int]) -> tuple[int, int]:
-    """Return ``(channels, side)`` or raise a RecipeError for shapes the DCGAN layout cannot make."""
-    if len(image_shape) != 3 or min(image_shape) < 1:
-        raise RecipeError(f"{kind} needs an image shape (C, H, W) of positive sizes, got {tuple(image_shape)}.")
-    c, h, w = (int(x) for x in image_shape)
-    if h != w:
-        raise RecipeError(f"{kind} makes square images only, but the data set's images are {h}x{w}.")
-    if h < 4:
-        raise RecipeError(f"{kind} needs images of at least 4x4 pixels, got {h}x{w}.")
-    return c, h
+from capsgan_toolkit.layers import check_square_image_shape, conv_stack, strided_depth
 
 
 def _upsampling_plan(side: int) -> tuple[int, int]:
@@ -64,7 +51,7 @@ class DCGANGenerator(Generator):
 
     def __init__(self, params: Params, *, num_classes: int, capsule_dim: int, image_shape: Sequence[int]):
         super().__init__(params, num_classes=num_classes, capsule_dim=capsule_dim, image_shape=image_shape)
-        channels, side = _square_shape('Generator "dcgan"', image_shape)
+        channels, side = check_square_image_shape('Generator "dcgan"', image_shape)
         seed, n = _upsampling_plan(side)
         base, bn = params.base_channels, params.batch_norm
         # The last hidden width is base_channels; the projection starts n - 1 doublings above it.
@@ -112,7 +99,7 @@ class DCGANDiscriminator(Discriminator):
 
     def __init__(self, params: Params, *, image_shape: Sequence[int]):
         super().__init__(params, image_shape=image_shape)
-        channels, side = _square_shape('Discriminator "dcgan"', image_shape)
+        channels, side = check_square_image_shape('Discriminator "dcgan"', image_shape)
         depth = strided_depth(side)
         self.features, out_channels = conv_stack(
             channels,

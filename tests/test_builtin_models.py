@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from capsgan_plugins import cnn, dcgan, gates, losses
-from capsgan_plugins.cnn import CNNEncoder, ResNetEncoder, squash
+from capsgan_plugins.cnn import CNNEncoder, ResNetEncoder
 from capsgan_plugins.dcgan import DCGANDiscriminator, DCGANGenerator
 from capsgan_plugins.losses import (
     CrossEntropyLoss,
@@ -21,7 +23,9 @@ from capsgan_plugins.losses import (
     MSELoss,
     NonSaturatingLoss,
 )
+from capsgan_toolkit import layers
 from capsgan_toolkit.errors import RecipeError, RegistryError
+from capsgan_toolkit.layers import squash
 from capsgan_toolkit.registry import Registry
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
@@ -92,6 +96,63 @@ def test_squash_gradient_finite_at_zero_length():
     v.sum().backward()
     assert torch.equal(v, torch.zeros_like(v))
     assert torch.isfinite(s.grad).all()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_squash_is_defined_once_in_capsgan_toolkit_layers(monkeypatch):
+    """No plugin module (built-in or example) keeps a copy of squash: all import capsgan_toolkit.layers'."""
+    sources = sorted((ROOT / "plugins").rglob("*.py")) + sorted((ROOT / "examples").rglob("*.py"))
+    assert len(sources) > 5
+
+    def defines_squash(node) -> bool:  # def squash(...) or squash = lambda ..., at any depth
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return node.name == "squash"
+        return isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "squash" for t in node.targets)
+
+    copies = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in sources
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if defines_squash(node)
+    ]
+    assert copies == [], f"squash defined outside capsgan_toolkit/layers.py: {copies}"
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "capsgan-example-encoder"))
+    import capsgan_example_encoder
+
+    from capsgan_plugins import capsule
+
+    for module in (capsule, cnn, capsgan_example_encoder):
+        assert module.squash is layers.squash, module.__name__
+
+
+def test_shape_checks_name_the_component():
+    assert layers.check_image_shape('Encoder "x"', [3, 8, 6]) == (3, 8, 6)
+    for bad in [(8, 8), (0, 8, 8), (1, 2, 3, 4)]:
+        with pytest.raises(RecipeError, match=r'^Encoder "x" needs an image shape \(C, H, W\) of positive sizes'):
+            layers.check_image_shape('Encoder "x"', bad)
+    assert layers.check_square_image_shape('Generator "g"', (1, 28, 28)) == (1, 28)
+    with pytest.raises(RecipeError, match=r'Generator "g" makes square images only, .* are 28x32'):
+        layers.check_square_image_shape('Generator "g"', (1, 28, 32))
+    with pytest.raises(RecipeError, match="at least 4x4 pixels, got 3x3"):
+        layers.check_square_image_shape('Generator "g"', (1, 3, 3))
+    assert layers.check_square_image_shape('Generator "g"', (1, 3, 3), min_side=2) == (1, 3)
+    layers.check_image_batch("net", torch.zeros(2, 1, 4, 4), (1, 4, 4))
+    for batch in (torch.zeros(1, 4, 4), torch.zeros(2, 3, 4, 4)):
+        with pytest.raises(RecipeError, match=r"net was built for images of shape \(1, 4, 4\); got a batch"):
+            layers.check_image_batch("net", batch, (1, 4, 4))
+
+
+@pytest.mark.parametrize("size, depth", [(28, 2), (32, 3), (64, 4), (7, 0), (8, 1)])
+def test_strided_depth_and_conv_stack_halve_to_the_planned_size(size, depth):
+    assert layers.strided_depth(size) == depth
+    stack, channels = layers.conv_stack(3, 8, depth, batch_norm=True, dropout=0.1, max_channels=16)
+    assert channels == (min(8 * 2 ** (depth - 1), 16) if depth else 3)
+    out = stack.eval()(torch.zeros(2, 3, size, size))
+    assert out.shape == (2, channels, size >> depth, size >> depth)
+    norms = [m for m in stack if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == max(depth - 1, 0)  # none after the first conv, as in DCGAN
 
 
 # ---------------------------------------------------------------------------- margin

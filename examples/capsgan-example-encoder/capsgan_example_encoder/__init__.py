@@ -1,10 +1,14 @@
-"""An example third-party capsgan plugin: the ``patch_mlp`` encoder.
+"""An example third-party capsgan plugin: the ``patch_mlp`` encoder (and an ``npz_images`` data set).
 
 The encoder cuts an image into non-overlapping square patches, embeds every patch
 with one shared linear map (a convolution whose kernel and stride both equal the
 patch size), mixes the features of all patches in a small MLP, and ends in
 ``K * D`` values that are reshaped to class capsules ``(B, K, D)`` and squashed,
 so the length of capsule ``k`` is the score of class ``k``, in ``[0, 1)``.
+
+The encoder is built from :mod:`capsgan_toolkit.layers` (``squash`` and the image-shape
+check); the data set in :mod:`capsgan_example_encoder.npz_dataset` serves its images
+through :class:`capsgan_toolkit.data.ImageTensorDataset`.
 
 capsgan finds this module through the ``capsgan`` entry-point group declared in
 this package's ``pyproject.toml``; nothing in capsgan-toolkit names it.
@@ -22,20 +26,13 @@ from torch import nn
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams
+from capsgan_toolkit.layers import check_image_shape, squash  # building blocks shared with the built-ins
 
-__all__ = ["PatchMLPEncoder", "capsgan_register", "squash"]
+from capsgan_example_encoder.npz_dataset import NpzImagesDataset
+
+__all__ = ["NpzImagesDataset", "PatchMLPEncoder", "capsgan_register", "squash"]
 
 __version__ = "0.1.0"
-
-
-def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    """Return ``|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps)`` along ``dim``.
-
-    The result keeps the direction of ``s`` and has a length in ``[0, 1)``.
-    """
-    sq = s.pow(2).sum(dim, keepdim=True)
-    # The epsilon sits inside the square root, so value and gradient stay finite at s = 0.
-    return s * (sq / (1.0 + sq)) / torch.sqrt(sq + eps)
 
 
 def _divisors(n: int) -> list[int]:
@@ -56,9 +53,7 @@ class PatchMLPEncoder(Encoder):
 
     def __init__(self, params: Params, *, image_shape: Sequence[int], num_classes: int):
         super().__init__(params, image_shape=image_shape, num_classes=num_classes)
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise RecipeError(f'Encoder "patch_mlp" needs an image shape (C, H, W), got {self.image_shape}.')
-        c, h, w = self.image_shape
+        c, h, w = check_image_shape('Encoder "patch_mlp"', image_shape)
         p = params.patch_size
         if h % p or w % p:
             # Checked here rather than in Params: only the data set knows the image size.
@@ -87,5 +82,6 @@ class PatchMLPEncoder(Encoder):
 
 @hookimpl
 def capsgan_register(registry):
-    """Register the ``patch_mlp`` encoder."""
+    """Register the ``patch_mlp`` encoder and the ``npz_images`` data set."""
     registry.register("encoder", "patch_mlp", PatchMLPEncoder)
+    registry.register("dataset", "npz_images", NpzImagesDataset)
