@@ -25,8 +25,8 @@ import torch
 from pydantic import Field
 
 from capsgan_toolkit import hookimpl
+from capsgan_toolkit.data import ImageTensorDataset
 from capsgan_toolkit.interfaces import DatasetInfo, DatasetParams, DatasetPlugin
-from capsgan_plugins.datasets import ImageTensorDataset
 
 CLASS_NAMES: tuple[str, ...] = (
     "disc",

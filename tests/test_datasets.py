@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from capsgan_plugins import datasets as ds
-from capsgan_plugins import glyphs
+from capsgan_plugins import formats, glyphs, image_folder
+from capsgan_toolkit.data import ImageTensorDataset, class_balanced_indices
 from capsgan_toolkit.errors import DataError, RegistryError
 from capsgan_toolkit.registry import Registry
 
@@ -170,7 +171,7 @@ def test_read_idx_round_trip_plain_and_gzip(tmp_path):
     (tmp_path / "plain").write_bytes(_idx_bytes(2051, arr))
     (tmp_path / "packed.gz").write_bytes(gzip.compress(_idx_bytes(2051, arr)))
     for name in ("plain", "packed.gz"):
-        out = ds.read_idx(tmp_path / name, 2051)
+        out = formats.read_idx(tmp_path / name, 2051)
         assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), arr)
 
 
@@ -189,7 +190,7 @@ def test_read_idx_rejects_damaged_files(tmp_path, damage, message):
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(damage(_idx_bytes(2051, np.zeros((3, 28, 28), np.uint8))))
     with pytest.raises(DataError, match=message) as err:
-        ds.read_idx(path, 2051)
+        formats.read_idx(path, 2051)
     assert str(path) in str(err.value)
 
 
@@ -315,8 +316,8 @@ def _write_folder(root: Path, per_class=6, size=(8, 8)) -> None:
     (root / "apple" / "notes.txt").write_text("not an image")
 
 
-def _folder(root: Path, **kw) -> ds.ImageFolderDataset:
-    return ds.ImageFolderDataset(ds.ImageFolderParams(root=str(root), **kw))
+def _folder(root: Path, **kw) -> image_folder.ImageFolderDataset:
+    return image_folder.ImageFolderDataset(image_folder.ImageFolderParams(root=str(root), **kw))
 
 
 def test_image_folder_classes_values_and_split(tmp_path):
@@ -384,6 +385,152 @@ def test_image_folder_missing_root_and_empty_class(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
         _folder(tmp_path).info
+
+
+def _write_split_folders(root: Path, counts: dict[str, tuple[int, int]], size=(8, 8)) -> None:
+    """``root/train/<class>`` and ``root/test/<class>`` PNGs; class c's pixel value encodes split and index."""
+    for split_index, split in enumerate(("train", "test")):
+        for name, colour in _COLOURS.items():
+            if name not in counts:
+                continue
+            (root / split / name).mkdir(parents=True)
+            for i in range(counts[name][split_index]):
+                pixel = (colour[0], 100 * split_index + i, colour[2])
+                Image.new("RGB", size, pixel).save(root / split / name / f"{i}.png")
+
+
+def test_image_folder_uses_train_and_test_folders(tmp_path):
+    counts = {"apple": (4, 2), "kiwi": (3, 1), "plum": (5, 3)}
+    _write_split_folders(tmp_path, counts)
+    (tmp_path / "val" / "apple").mkdir(parents=True)  # other folders beside train/ and test/ are ignored
+    plugin = _folder(tmp_path)
+    assert plugin.split_source == "folders"
+    assert "folders" in plugin.split_description and str(tmp_path / "train") in plugin.split_description
+    assert plugin.info.class_names == ("apple", "kiwi", "plum") and plugin.info.image_shape == (3, 8, 8)
+    for split_index, split in enumerate(("train", "test")):
+        data = plugin.split(split)
+        assert isinstance(data, ImageTensorDataset)
+        assert data.labels.bincount().tolist() == [counts[c][split_index] for c in ("apple", "kiwi", "plum")]
+        for i in range(len(data)):
+            image, label = data[i]
+            red, green = ((image[:2, 0, 0].double() + 1) * 127.5).round().tolist()
+            assert red == _COLOURS[plugin.info.class_names[label]][0]  # the class is its folder's
+            assert green // 100 == split_index  # every image comes from its own split's folder
+
+
+def test_image_folder_split_folders_ignore_test_fraction_with_a_warning(tmp_path):
+    _write_split_folders(tmp_path, {"apple": (3, 2), "kiwi": (3, 2)})
+    with pytest.warns(UserWarning, match="test_fraction is not used"):
+        test = _folder(tmp_path, test_fraction=0.5).split("test")
+    assert len(test) == 4
+
+
+def test_image_folder_split_folders_must_agree(tmp_path):
+    _write_split_folders(tmp_path, {"apple": (2, 1), "kiwi": (2, 1)})
+    (tmp_path / "test" / "kiwi").rename(tmp_path / "test" / "lime")
+    with pytest.raises(DataError, match=r"differ: only in train: kiwi; only in test: lime"):
+        _folder(tmp_path).info
+    for name in ("kiwi", "lime"):  # a class folder without images is named, as without split folders
+        (tmp_path / "train" / name).mkdir(exist_ok=True)
+    (tmp_path / "test" / "kiwi").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        _folder(tmp_path).info
+
+
+def test_image_folder_split_folders_sizes_agree_across_splits(tmp_path):
+    _write_split_folders(tmp_path, {"apple": (2, 1)})
+    Image.new("RGB", (10, 10), (1, 2, 3)).save(tmp_path / "test" / "apple" / "big.png")
+    with pytest.raises(DataError, match="differ in size"):
+        _folder(tmp_path).info
+    assert len(_folder(tmp_path, image_size=8).split("test")) == 2
+
+
+def test_image_folder_train_without_test_folder_is_an_error(tmp_path):
+    _write_split_folders(tmp_path, {"apple": (2, 1)})
+    for path in (tmp_path / "test" / "apple").iterdir():
+        path.unlink()
+    (tmp_path / "test" / "apple").rmdir()
+    (tmp_path / "test").rmdir()
+    with pytest.raises(DataError, match="has a train/ folder but no test/ folder"):
+        _folder(tmp_path).info
+
+
+def test_image_folder_without_split_folders_splits_at_random(tmp_path):
+    _write_folder(tmp_path, per_class=2)
+    plugin = _folder(tmp_path, test_fraction=0.5, seed=4)
+    assert plugin.split_source == "random"
+    description = plugin.split_description
+    assert description.startswith("random split: 0.5 of each class") and "seed 4" in description
+
+
+# --------------------------------------------------------------- capsgan_toolkit.data
+
+
+def test_image_tensor_dataset_serves_floats_in_range_and_checks_input():
+    images = torch.tensor([0, 255, 51], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 2, 2, 2).contiguous()
+    data = ImageTensorDataset(images, torch.tensor([2, 0, 1], dtype=torch.int32))
+    assert len(data) == 3 and data.labels.dtype == torch.long
+    image, label = data[1]
+    assert image.dtype == torch.float32 and image.shape == (2, 2, 2) and label == 0 and isinstance(label, int)
+    assert torch.equal(image, torch.ones(2, 2, 2)) and torch.equal(data[0][0], -torch.ones(2, 2, 2))
+    assert data[2][0][0, 0, 0].item() == pytest.approx(51 / 127.5 - 1)
+    assert torch.equal(data.images, images)  # the uint8 pixels are kept as given
+    for bad_images, bad_labels in [(images.float(), torch.zeros(3)), (images[0], torch.zeros(2)),
+                                   (images, torch.zeros(2))]:
+        with pytest.raises(ValueError, match="uint8"):
+            ImageTensorDataset(bad_images, bad_labels)
+
+
+def test_builtin_splits_are_image_tensor_datasets(tmp_path):
+    _write_folder(tmp_path, per_class=2)
+    assert isinstance(_folder(tmp_path).split("train"), ImageTensorDataset)
+    assert isinstance(glyphs.GlyphsDataset(_glyph_params()).split("test"), ImageTensorDataset)
+
+
+def test_class_balanced_indices_take_every_class_in_turn():
+    labels = [0] * 6 + [1] * 2 + [2] * 4  # sorted by class, as an image folder's split is
+    picked = class_balanced_indices(labels, 9, seed=0)
+    assert len(picked) == len(set(picked)) == 9
+    classes = [labels[i] for i in picked]
+    assert classes == [0, 1, 2, 0, 1, 2, 0, 2, 0]  # class 1 runs out after two rounds
+    assert classes[:3] == [0, 1, 2]
+    # Deterministic; another seed picks other members of a class, never other classes.
+    assert class_balanced_indices(labels, 9, seed=0) == picked
+    others = [class_balanced_indices(labels, 9, seed=s) for s in range(1, 6)]
+    assert any(o != picked for o in others)
+    assert all([labels[i] for i in o] == classes for o in others)
+    # A tensor works as well as a list, n beyond the length returns every index once.
+    everything = class_balanced_indices(torch.tensor(labels), 50, seed=3)
+    assert sorted(everything) == list(range(len(labels)))
+    assert class_balanced_indices(labels, 0) == [] and class_balanced_indices([], 4) == []
+
+
+def test_class_balanced_indices_cover_classes_with_gaps_and_reject_bad_input():
+    labels = torch.tensor([7, 3, 7, 3, 9, 7])  # labels need not start at 0 or be contiguous
+    assert [int(labels[i]) for i in class_balanced_indices(labels, 3)] == [3, 7, 9]
+    with pytest.raises(ValueError, match="n must be"):
+        class_balanced_indices(labels, -1)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        class_balanced_indices(labels.view(2, 3), 2)
+
+
+def test_example_plugin_data_set_uses_image_tensor_dataset(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "capsgan-example-encoder"))
+    from capsgan_example_encoder.npz_dataset import NpzImagesDataset
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 6, 6), dtype=np.uint8)  # (N, H, W): grey
+    np.savez(tmp_path / "train.npz", images=images, labels=np.array([0, 1, 2, 1, 0]))
+    np.savez(tmp_path / "test.npz", images=rng.integers(0, 256, (2, 6, 6, 3), dtype=np.uint8), labels=[2, 0])
+    plugin = NpzImagesDataset(NpzImagesDataset.Params(root=str(tmp_path)))
+    assert plugin.info.num_classes == 3 and plugin.info.image_shape == (1, 6, 6)
+    train = plugin.split("train")
+    assert isinstance(train, ImageTensorDataset) and len(train) == 5
+    assert torch.equal(train.images[:, 0], torch.from_numpy(images))
+    with pytest.raises(DataError, match="test.npz"):  # RGB test images do not match the grey train images
+        plugin.split("test")
+    with pytest.raises(DataError, match="nowhere"):
+        NpzImagesDataset(NpzImagesDataset.Params(root=str(tmp_path / "nowhere"))).info
 
 
 # ------------------------------------------------------------------------- glyphs
@@ -473,8 +620,8 @@ def test_glyph_classes_are_separable(channels):
 
 def test_registration_and_default_construction():
     registry = Registry()
-    ds.capsgan_register(registry)
-    glyphs.capsgan_register(registry)
+    for module in (ds, image_folder, glyphs):
+        module.capsgan_register(registry)
     assert registry.list("dataset") == ["cifar10", "fashion_mnist", "glyphs", "image_folder", "mnist"]
     for name in ("cifar10", "fashion_mnist", "glyphs", "mnist"):
         plugin = registry.create("dataset", name)  # builds without reading or downloading anything
