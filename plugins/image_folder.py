@@ -198,7 +198,10 @@ class ImageFolderDataset(DatasetPlugin):
                     f"{only(classes, test_classes)}; only in test: {only(test_classes, classes)}.",
                     hint="Both splits need one sub-folder per class, with the same names.",
                 )
-            unused = sorted({"test_fraction", "seed"} & self.params.model_fields_set)
+            # Values other than the defaults were meant for a random split. (Compared with the
+            # defaults, not "was it set": a run folder's recipe.toml spells out every default.)
+            fields = type(self.params).model_fields
+            unused = [n for n in ("test_fraction", "seed") if getattr(self.params, n) != fields[n].default]
             if unused:
                 warnings.warn(
                     f"image_folder: {root} has train/ and test/ folders, so data.{' and data.'.join(unused)} "

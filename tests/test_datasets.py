@@ -14,6 +14,7 @@ import pickle
 import struct
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -423,6 +424,9 @@ def test_image_folder_split_folders_ignore_test_fraction_with_a_warning(tmp_path
     with pytest.warns(UserWarning, match="test_fraction is not used"):
         test = _folder(tmp_path, test_fraction=0.5).split("test")
     assert len(test) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults, spelled out as in a run folder's recipe.toml: no warning
+        _folder(tmp_path, test_fraction=0.1, seed=0).info
 
 
 def test_image_folder_split_folders_must_agree(tmp_path):
