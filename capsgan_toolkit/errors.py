@@ -51,3 +51,11 @@ class Interrupted(CapsganError):
     """Training stopped by a signal after saving a checkpoint."""
 
     exit_code = 130
+
+
+class NameClashError(RegistryError):
+    """A component name registered by two third-party plugins: a recipe must say which one."""
+
+
+class PluginError(PluginLoadError):
+    """Broken plugins or plugin warnings, refused in strict mode (``--strict-plugins``)."""
