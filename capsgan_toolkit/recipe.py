@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from capsgan_toolkit.catalogue import EVAL_METRICS, EvalSection  # noqa: F401  (both importable from here too)
 from capsgan_toolkit.errors import RecipeError, RegistryError
 from capsgan_toolkit.registry import Registry, suggest
 
@@ -101,62 +102,6 @@ class CheckpointSection(_Strict):
 class OutputSection(_Strict):
     samples_every_epochs: int = Field(1, ge=1, description="Epochs between sample grids.")
     sample_images: int = Field(16, ge=1, le=256, description="Real/reconstruction pairs in a sample grid.")
-
-
-EVAL_METRICS: dict[str, str] = {
-    "acc": "encoder accuracy on the whole test split",
-    "rec": "MSE, PSNR and SSIM of reconstructions of held-out images",
-    "rec_fid": "FID between reconstructions and their real images (per feature extractor)",
-    "rec_kid": "KID between reconstructions and their real images (per feature extractor)",
-    "gen_fid": "FID of new images sampled from the latent prior (per feature extractor)",
-    "gen_kid": "KID of new images sampled from the latent prior (per feature extractor)",
-    "gen_is": "Inception-style score of new images (extractors with class logits)",
-    "gen_prc": "precision and recall of new images (per feature extractor)",
-    "gen_condacc": "how often a domain classifier recognises the class a new image was sampled for",
-}
-"""Names accepted in ``eval.metrics`` and ``capsgan eval --metrics``."""
-
-
-class EvalSection(_Strict):
-    """Evaluation: which metrics, how often during training, on how many images."""
-
-    metrics: list[str] = Field(
-        default_factory=lambda: ["acc", "rec", "rec_fid", "gen_fid", "gen_kid", "gen_is", "gen_condacc"],
-        description=f"Metrics to compute; any of: {', '.join(EVAL_METRICS)}.",
-    )
-    every_epochs: int = Field(
-        0, ge=0, description='Epochs between evaluations during training (rows of kind "eval"); 0: only `capsgan eval`.'
-    )
-    num_images: int = Field(
-        1000, ge=10, description="Generated images per score, and reference images (the whole split when smaller)."
-    )
-    reference_split: Literal["test", "train"] = Field("test", description="Split the reference images come from.")
-    features: dict[str, ComponentSpec] = Field(
-        default_factory=lambda: {"domain": ComponentSpec(plugin="domain_classifier")},
-        description="Feature extractors by label (the label ends each score's name), each a metric_features component.",
-    )
-    inception_weights: str = Field(
-        "", description="Local torch-fidelity Inception-v3 weights file; empty: torch-fidelity's download/cache."
-    )
-    prior_images: int = Field(10000, ge=0, description="Training images encoded to fit the latent prior; 0: all.")
-    seed: int = Field(0, ge=0, description="Seed of the reference subset, prior samples and score subsets.")
-    batch_size: int = Field(100, ge=1, description="Images per batch when encoding, generating and extracting features.")
-    cache_dir: str = Field(
-        "", description="Cache of trained domain extractors and reference features; empty: $CAPSGAN_CACHE or ~/.cache/capsgan."
-    )
-
-    @model_validator(mode="after")
-    def _known_names(self):
-        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
-        if unknown:
-            raise ValueError(
-                f"unknown metric {unknown[0]!r}.{suggest(unknown[0], list(EVAL_METRICS))} "
-                f"Allowed: {', '.join(EVAL_METRICS)}"
-            )
-        bad = [label for label in self.features if not label.isidentifier() or label.lower() != label]
-        if bad:
-            raise ValueError(f"feature extractor label {bad[0]!r} must be a lowercase identifier (it ends metric names)")
-        return self
 
 
 class Recipe(_Strict):
