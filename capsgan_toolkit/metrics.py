@@ -5,25 +5,138 @@ the format torch-fidelity's feature extractors are defined on, so a number here 
 the same as one computed from PNG files. Reference features are cached on disk under a
 name that holds everything they depend on (data set, split, subset size and seed,
 feature network), so a changed protocol can never reuse a stale cache.
+
+Metric names, units and directions are in :mod:`capsgan_toolkit.catalogue`.
+:class:`Progress` shows long waits (feature extraction, classifier training, prior
+fitting) as rich progress bars.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from capsgan_toolkit.catalogue import KID_SUBSETS, count_tag, is_splits, kid_subset_size  # noqa: F401  (re-exported)
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.interfaces import FeatureSetup
 from capsgan_toolkit.reporting import to_uint8
 
-FIDELITY_FLAGS = {"fid": "fid", "kid": "kid", "is": "isc", "prc": "prc"}
-"""Our score name -> the torch-fidelity flag that computes it."""
+FIDELITY_RESULTS = (
+    "frechet_inception_distance", "kernel_inception_distance_mean", "kernel_inception_distance_std",
+    "inception_score_mean", "inception_score_std", "precision", "recall", "f_score",
+)
+"""torch-fidelity's names of the values :func:`fidelity_scores` returns."""
+
+
+# ------------------------------------------------------------------------ progress
+
+
+class Progress:
+    """Progress for people on long waits: text lines and rich progress bars; quiet without an output.
+
+    Args:
+        console: a rich Console to draw bars on (``None``: no bars).
+        lines: where text lines go when there is no console (e.g. ``print``); ``None``: nowhere.
+
+    A ``Progress`` is itself a ``log(text)`` callable, so it can be handed to code that
+    only prints lines; code that knows it calls :meth:`task` or :meth:`track` for a bar
+    with a description, a count and the estimated time left. Bars share one live display,
+    so tasks may nest (a classifier trained while features wait).
+    """
+
+    def __init__(self, console=None, *, lines: Callable[[str], None] | None = None):
+        self.console = console
+        self.lines = lines
+        self._bars = None
+        self._open = 0
+
+    @property
+    def quiet(self) -> bool:
+        return self.console is None and self.lines is None
+
+    def __call__(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False)
+        elif self.lines is not None:
+            self.lines(text)
+
+    def _start_bars(self):
+        from rich.errors import LiveError
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        if self._bars is None:
+            bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("left"), TimeRemainingColumn(), console=self.console)
+            try:
+                bars.start()
+            except LiveError:  # another live display that cannot nest (older rich): lines only
+                return None
+            self._bars = bars
+        return self._bars
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        """Show a bar while the block runs; the block calls the yielded ``advance(n=1)``."""
+        if self.quiet:
+            yield lambda n=1: None
+            return
+        bars = self._start_bars() if self.console is not None else None
+        if bars is None:
+            start = time.perf_counter()
+            self(f"{description} ...")
+            yield lambda n=1: None
+            self(f"{description}: done in {time.perf_counter() - start:.1f} s")
+            return
+        self._open += 1
+        task_id = bars.add_task(description, total=total)
+        try:
+            yield lambda n=1: bars.advance(task_id, n)
+            bars.update(task_id, completed=bars.tasks[task_id].total or 0)
+        finally:
+            self._open -= 1
+            if self._open == 0:
+                bars.stop()
+                self._bars = None
+
+    def track(self, items: Iterable, description: str, total: int | None = None) -> Iterator:
+        """Yield from ``items`` with a bar that advances once per item."""
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)
+        with self.task(description, total) as advance:
+            for item in items:
+                yield item
+                advance(1)
+
+
+def as_progress(target) -> Progress:
+    """Make a :class:`Progress` of ``None`` (quiet), a rich Console, a ``log(text)`` callable or a Progress."""
+    if target is None:
+        return Progress()
+    if isinstance(target, Progress):
+        return target
+    if hasattr(target, "print") and hasattr(target, "is_terminal"):  # a rich Console
+        return Progress(target)
+    if callable(target):
+        return Progress(lines=target)
+    raise TypeError(f"progress must be None, a rich Console or a callable, not {type(target).__name__}")
+
+
+def progress_task(log, description: str, total: int | None):
+    """``log.task(...)`` when ``log`` is a :class:`Progress`; a line and a no-op otherwise (plain callables)."""
+    if isinstance(log, Progress):
+        return log.task(description, total)
+    if log is not None:
+        log(f"{description} ...")
+    return contextlib.nullcontext(lambda n=1: None)
 
 
 def cache_root(configured: str = "") -> Path:
@@ -32,11 +145,6 @@ def cache_root(configured: str = "") -> Path:
         return Path(configured).expanduser()
     env = os.environ.get("CAPSGAN_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "capsgan"
-
-
-def count_tag(n: int) -> str:
-    """Write an image count the way metric names carry it: 1000 -> '1k', 500 -> '500'."""
-    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
 def fork_rng(device: torch.device):
@@ -66,14 +174,19 @@ def _unit(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().double().clamp(-1, 1) + 1) / 2
 
 
-def mse(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image mean squared error with pixels in [0, 1] (inputs in [-1, 1])."""
+def recon_mse01(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image reconstruction MSE with pixels in [0, 1] (inputs in [-1, 1]), float64: the one MSE definition.
+
+    ``capsgan eval``'s ``rec_mse…`` and the training row's ``test_rec_mse01`` are this
+    value averaged over images (``.sum()`` it to accumulate over batches). In [-1, 1]
+    units it would be four times larger.
+    """
     return (_unit(reconstruction) - _unit(target)).pow(2).mean(dim=(1, 2, 3))
 
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB with pixels in [0, 1]; identical images give 100 dB (MSE floored at 1e-10)."""
-    return 10 * torch.log10(1.0 / mse(reconstruction, target).clamp(min=1e-10))
+    return 10 * torch.log10(1.0 / recon_mse01(reconstruction, target).clamp(min=1e-10))
 
 
 def _gaussian_window(size: int, sigma: float, dtype) -> torch.Tensor:
@@ -112,15 +225,18 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, *, window: int = 11
 
 
 class _Images(Dataset):
-    """uint8 images held in memory, as torch-fidelity's input."""
+    """uint8 images held in memory, as torch-fidelity's input; ``seen`` is called per image read."""
 
-    def __init__(self, images: torch.Tensor):
+    def __init__(self, images: torch.Tensor, seen: Callable[[int], None] | None = None):
         self.images = images
+        self.seen = seen
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if self.seen is not None:
+            self.seen(1)
         return self.images[index]
 
 
@@ -128,86 +244,83 @@ def fidelity_scores(
     generated: torch.Tensor,
     reference: torch.Tensor | None,
     setup: FeatureSetup,
-    scores: set[str],
+    flags: set[str],
     *,
     reference_cache: str | None,
     cache_dir: Path,
     device: torch.device,
     seed: int,
     batch_size: int = 100,
+    kid_subset: int | None = None,
+    progress: Progress | None = None,
+    description: str = "features",
 ) -> dict[str, float]:
     """Compute FID / KID / IS / precision-recall with torch-fidelity.
 
     Args:
         generated: uint8 RGB images ``(N, 3, H, W)`` (torch-fidelity's input 1).
-        reference: uint8 RGB real images (input 2), needed by all but ``is``.
+        reference: uint8 RGB real images (input 2), needed by all but ``isc``.
         setup: the prepared feature extractor.
-        scores: any of ``fid``, ``kid``, ``is``, ``prc``.
+        flags: torch-fidelity's metric flags: any of ``fid``, ``kid``, ``isc``, ``prc``
+            (:data:`capsgan_toolkit.catalogue.FIDELITY_FLAGS` maps request names to them).
         reference_cache: a name that identifies the reference set and the extractor's
             weights uniquely; its features and statistics are cached under it.
         cache_dir: the evaluation cache (torch-fidelity's cache goes in ``fidelity/``).
         device: where features are extracted (CUDA is used when it is a CUDA device).
         seed: torch-fidelity's ``rng_seed`` (KID subsets, IS splits).
+        kid_subset: KID's subset size (default :func:`~capsgan_toolkit.catalogue.kid_subset_size`).
+        progress: shows a bar while images go through the feature network.
+        description: the bar's text.
 
     Returns:
-        ``fid``, ``kid`` and ``kid_std``, ``is`` and ``is_std``, ``precision``,
-        ``recall`` and ``f_score``, for the requested scores.
+        torch-fidelity's values by its own names (:data:`FIDELITY_RESULTS`), for the
+        requested flags; a non-finite value becomes NaN.
     """
     import torch_fidelity
 
-    unknown = set(scores) - set(FIDELITY_FLAGS)
+    unknown = set(flags) - {"fid", "kid", "isc", "prc"}
     if unknown:
-        raise ValueError(f"unknown scores {sorted(unknown)}")
-    if not scores:
+        raise ValueError(f"unknown torch-fidelity flags {sorted(unknown)}")
+    if not flags:
         return {}
     n_gen = generated.shape[0]
-    needs_reference = bool(set(scores) - {"is"})
+    needs_reference = bool(set(flags) - {"isc"})
     if needs_reference and reference is None:
         raise ValueError("FID, KID and precision/recall need reference images")
     n_ref = reference.shape[0] if reference is not None else n_gen
-    kwargs: dict[str, Any] = dict(
-        input1=_Images(generated),
-        cuda=device.type == "cuda",
-        batch_size=min(batch_size, n_gen),
-        verbose=False,
-        cache=True,
-        cache_root=str(cache_dir / "fidelity"),
-        save_cpu_ram=True,  # no DataLoader worker processes for images already in memory
-        rng_seed=seed,
-        kid_subset_size=min(1000, n_gen, n_ref),
-        isc_splits=min(10, n_gen),
-        samples_shuffle=True,
-    )
-    for score in scores:
-        kwargs[FIDELITY_FLAGS[score]] = True
-    if needs_reference:
-        kwargs["input2"] = _Images(reference)
-        if reference_cache is not None:
-            kwargs["input2_cache_name"] = reference_cache
-    kwargs.update(setup.fidelity_kwargs)
-    try:
-        with fork_rng(device):
-            raw = torch_fidelity.calculate_metrics(**kwargs)
-    except OSError as exc:  # a weights download that failed after all (network gone mid-run)
-        raise CapsganError(
-            f"torch-fidelity could not load the feature extractor ({setup.description}): {exc}. "
-            "If this machine is offline, give a local weights file (see docs/metrics.md)."
-        ) from None
-    out: dict[str, float] = {}
-    names = {
-        "frechet_inception_distance": "fid",
-        "kernel_inception_distance_mean": "kid",
-        "kernel_inception_distance_std": "kid_std",
-        "inception_score_mean": "is",
-        "inception_score_std": "is_std",
-        "precision": "precision",
-        "recall": "recall",
-        "f_score": "f_score",
-    }
-    for key, value in raw.items():
-        if key in names:
-            out[names[key]] = float(value) if math.isfinite(float(value)) else float("nan")
-    return out
+    progress = progress or Progress()
+    with progress.task(description, n_gen + (n_ref if needs_reference else 0)) as advance:
+        kwargs: dict[str, Any] = dict(
+            input1=_Images(generated, advance),
+            cuda=device.type == "cuda",
+            batch_size=min(batch_size, n_gen),
+            verbose=False,
+            cache=True,
+            cache_root=str(cache_dir / "fidelity"),
+            save_cpu_ram=True,  # no DataLoader worker processes for images already in memory
+            rng_seed=seed,
+            kid_subsets=KID_SUBSETS,
+            kid_subset_size=kid_subset or kid_subset_size(n_gen, n_ref),
+            isc_splits=is_splits(n_gen),
+            samples_shuffle=True,
+        )
+        for flag in flags:
+            kwargs[flag] = True
+        if needs_reference:
+            kwargs["input2"] = _Images(reference, advance)  # a cached reference is not read again
+            if reference_cache is not None:
+                kwargs["input2_cache_name"] = reference_cache
+        kwargs.update(setup.fidelity_kwargs)
+        try:
+            with fork_rng(device):
+                raw = torch_fidelity.calculate_metrics(**kwargs)
+        except OSError as exc:  # a weights download that failed after all (network gone mid-run)
+            raise CapsganError(
+                f"torch-fidelity could not load the feature extractor ({setup.description}): {exc}. "
+                "If this machine is offline, give a local weights file (see docs/metrics.md)."
+            ) from None
+    return {key: float(value) if math.isfinite(float(value)) else float("nan")
+            for key, value in raw.items() if key in FIDELITY_RESULTS}
 
 
 def conditional_accuracy(classifier, images: torch.Tensor, classes: torch.Tensor, batch_size: int = 100) -> float:

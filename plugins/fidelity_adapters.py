@@ -2,7 +2,8 @@
 
 Importing this module registers them in torch-fidelity's registry; the ``prepare`` of
 each ``metric_features`` component imports it, so torch-fidelity (and torchvision) load
-only when scores are computed.
+only when scores are computed. It also holds the domain classifier's network, which both
+sides use; it imports nothing from :mod:`capsgan_plugins.metric_features` (one direction only).
 """
 
 from __future__ import annotations
@@ -10,12 +11,55 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from capsgan_plugins.metric_features import DOMAIN_FIDELITY_NAME, TF_TORCHSCRIPT_FIDELITY_NAME, load_domain_net
+DOMAIN_FIDELITY_NAME = "capsgan-domain-classifier"
+TF_TORCHSCRIPT_FIDELITY_NAME = "capsgan-inception-tf-torchscript"
+"""Names of capsgan's extractors in torch-fidelity's registry."""
+
+
+class DomainNet(nn.Module):
+    """Conv classifier on uint8 RGB images; returns ``(features, logits)``.
+
+    Images are scaled to [-1, 1] and resized (bilinear, antialiased) to the data set's
+    size, so generated and real images of any size go through the same pipeline.
+    """
+
+    def __init__(self, num_classes: int, image_size: tuple[int, int], channels: int, feature_dim: int):
+        super().__init__()
+        self.image_size = tuple(image_size)
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        c = channels
+        self.body = nn.Sequential(
+            *block(3, c), *block(c, c), nn.MaxPool2d(2),
+            *block(c, 2 * c), *block(2 * c, 2 * c), nn.MaxPool2d(2),
+            *block(2 * c, 4 * c), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.features = nn.Sequential(nn.Linear(4 * c, feature_dim), nn.ReLU(inplace=True))
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float() / 127.5 - 1.0
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+        features = self.features(self.body(x))
+        return features, self.head(features)
+
+
+def load_domain_net(payload: dict) -> DomainNet:
+    """Rebuild a saved :class:`DomainNet` in eval mode, leaving torch's random state as it was."""
+    with torch.random.fork_rng(devices=[]):  # the throw-away initial weights draw random numbers
+        net = DomainNet(**payload["arch"])
+    net.load_state_dict(payload["state_dict"])
+    return net.eval()
 
 
 class DomainFidelityExtractor(FeatureExtractorBase):

