@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from capsgan_toolkit import __version__
 from capsgan_toolkit.cli import cli, console, friendly, option
@@ -69,28 +68,11 @@ def eval_command(run_dir, metrics, num_images, checkpoint, inception_weights, se
 
 
 def _print_report(report) -> None:
-    table = Table(title="evaluation", title_justify="left")
-    table.add_column("metric", style="bold cyan")
-    table.add_column("value", justify="right")
-    table.add_column("±", justify="right")
-    table.add_column("images (generated / reference, split)")
-    for name, value in report.metrics.items():
-        proto = report.protocol.get(name, {})
-        std = proto.get("std")
-        if "num_generated" in proto and "num_reference" in proto:
-            images = f"{proto['num_generated']} / {proto['num_reference']}, {proto['reference_split']}"
-        elif "num_generated" in proto:
-            images = f"{proto['num_generated']} generated"
-        elif "num_reference" in proto:
-            images = f"{proto['num_reference']} {proto['reference_split']}"
-        else:
-            images = proto.get("images", "")
-        table.add_row(name, f"{value:.4g}", "" if std is None else f"{std:.2g}", images)
-    console.print(table)
+    from capsgan_toolkit.catalogue import render_table
+
+    console.print(render_table(report))
     for label, description in report.extractors.items():
         console.print(f"  features [bold]{label}[/]: {description}", highlight=False)
-    for name, why in report.skipped.items():
-        console.print(f"  [dim]skipped {name}: {why}[/]", highlight=False)
 
 
 @cli.command("sample")

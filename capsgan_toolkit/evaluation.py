@@ -1,53 +1,46 @@
-"""Evaluate a trained model: encoder accuracy, reconstructions, and new images from a latent prior.
+"""Evaluate a trained model through its objective: classification, reconstructions, new images.
 
 What is measured (``eval.metrics``) and on how many images (``eval.num_images``) comes
 from the recipe's ``[eval]`` table; each number is stored under a name that states its
 protocol (``gen_fid1k_test_domain``: FID of 1000 generated images against 1000 test
 images, domain-classifier features) and with a protocol record (extractor and its
-weights' hash, image counts, split, seeds). See docs/metrics.md.
+weights' hash, image counts, split, seeds). Names, units and directions come from
+:mod:`capsgan_toolkit.catalogue`; see docs/metrics.md.
 
-The same :class:`Evaluator` serves ``capsgan eval`` (a run folder's checkpoint) and
-periodic evaluation during training (the trainer's live models). It never touches the
-caller's random state, so a run evaluated every epoch trains exactly as one that is not.
+The :class:`Evaluator` knows no algorithm: it asks the objective (``classify``,
+``reconstruct``, ``prepare_generation`` and ``generate``) and puts what the objective
+cannot give under ``skipped`` with the reason. It serves ``capsgan eval`` (a run
+folder's checkpoint) and periodic evaluation during training (the live models), and
+never touches the caller's random state, so a run evaluated every epoch trains exactly
+as one that is not.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from capsgan_toolkit import checkpoint as ckpt
-from capsgan_toolkit.build import Components, build_components, pick_device
-from capsgan_toolkit.errors import CheckpointError, RecipeError, RunFolderError
+from capsgan_toolkit.catalogue import (
+    CATALOGUE, FEATURE_METRICS, KID_SUBSETS, Metric, is_splits, kid_subset_size, missing_capability, result_key,
+)
 from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup
 from capsgan_toolkit.metrics import (
-    FIDELITY_FLAGS, cache_root, conditional_accuracy, count_tag, fidelity_scores, fork_rng, mse, psnr, ssim,
-    to_fidelity_images,
+    Progress, as_progress, cache_root, conditional_accuracy, fidelity_scores, fork_rng, progress_task, psnr,
+    recon_mse01, ssim, to_fidelity_images,
 )
-from capsgan_toolkit.plugin_manager import PluginSet, load_plugins
 from capsgan_toolkit.prior import ClassGaussianPrior, encode_for_prior
-from capsgan_toolkit.recipe import ResolvedRecipe, apply_overrides, resolve
+from capsgan_toolkit.recipe import ResolvedRecipe
 from capsgan_toolkit.registry import Registry
-
-FEATURE_METRICS = ("rec_fid", "rec_kid", "gen_fid", "gen_kid", "gen_is", "gen_prc", "gen_condacc")
-"""Metrics that need a feature extractor."""
-
-_GEN_SCORES = {"gen_fid": "fid", "gen_kid": "kid", "gen_is": "is", "gen_prc": "prc"}
-_REC_SCORES = {"rec_fid": "fid", "rec_kid": "kid"}
-_TRAINER_EVALUATORS: "weakref.WeakKeyDictionary[Any, Evaluator]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
 class EvalReport:
-    """Numbers by name, each with its protocol; requested metrics that could not run, with why."""
+    """Numbers by result key, each with its protocol; requested metrics that could not run, with why."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     protocol: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -71,11 +64,10 @@ def data_id(resolved: ResolvedRecipe) -> str:
 
 def build_extractors(resolved: ResolvedRecipe, registry: Registry, info) -> dict[str, FeatureExtractor]:
     """Build the recipe's ``eval.features`` extractors, by label."""
-    weights = resolved.recipe.eval.inception_weights or None
     out = {}
     for label, spec in resolved.recipe.eval.features.items():
         comp = registry.get("metric_features", spec.plugin)
-        out[label] = comp.cls(resolved.params[f"eval.features.{label}"], info=info, inception_weights=weights)
+        out[label] = comp.cls(resolved.params[f"eval.features.{label}"], info=info)
     return out
 
 
@@ -91,34 +83,74 @@ def _batches(dataset, indices: torch.Tensor, batch_size: int):
     return DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False)
 
 
-def fit_prior(encoder, dataset, *, limit: int, seed: int, batch_size: int, device: torch.device) -> ClassGaussianPrior:
-    """Fit the per-class Gaussian latent prior on (up to ``limit``, 0: all) training images."""
-    split = dataset.split("train")
+def fit_prior(encoder, data, *, limit: int, seed: int, batch_size: int, device: torch.device,
+              num_classes: int | None = None, progress=None) -> ClassGaussianPrior:
+    """Fit the per-class Gaussian latent prior on (up to ``limit``, 0: all) training images.
+
+    ``data`` is the training split, or a data set plugin (its ``train`` split is used).
+    ``num_classes`` defaults to the data set's, else the encoder's. ``progress`` (a
+    :class:`~capsgan_toolkit.metrics.Progress` or a ``log(text)`` callable) shows the encoding.
+    The objective's ``prepare_generation`` calls this for ``reconstruction_gan``.
+    """
+    split = data.split("train") if hasattr(data, "split") and hasattr(data, "info") else data
+    if num_classes is None:
+        num_classes = data.info.num_classes if hasattr(data, "info") else encoder.num_classes
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed + 1))
     order = order[:limit] if limit else order
-    vectors, classes, mode = encode_for_prior(encoder, _batches(split, order, batch_size), device=device)
-    return ClassGaussianPrior.fit(vectors, classes, num_classes=dataset.info.num_classes,
-                                  capsule_dim=encoder.capsule_dim, mode=mode)
+    loader = _batches(split, order, batch_size)
+    with progress_task(progress, f"Fitting the latent prior on {len(order)} training images", len(loader)) as advance:
+        def counted():
+            for batch in loader:
+                yield batch
+                advance(1)
+
+        vectors, classes, mode = encode_for_prior(encoder, counted(), device=device)
+    return ClassGaussianPrior.fit(vectors, classes, num_classes=num_classes, capsule_dim=encoder.capsule_dim,
+                                  mode=mode)
+
+
+def objective_name(objective, resolved: ResolvedRecipe | None = None) -> str:
+    """The objective's plugin name, for messages: its ``name``, else the recipe's ``objective.plugin``."""
+    name = getattr(objective, "name", None)
+    if not name and resolved is not None:
+        name = getattr(getattr(resolved.recipe, "objective", None), "plugin", None)
+    return name or type(objective).__name__
+
+
+_SCORE_TEXT = {
+    "fid": lambda n_gen, n_ref: "fid",
+    "kid": lambda n_gen, n_ref: (f"kid (cubic polynomial kernel, {KID_SUBSETS} subsets of "
+                                 f"{kid_subset_size(n_gen, n_ref)} images)"),
+    "is": lambda n_gen, n_ref: f"inception-style score ({is_splits(n_gen)} splits)",
+    "precision": lambda n_gen, n_ref: "precision (k=3)",
+    "recall": lambda n_gen, n_ref: "recall (k=3)",
+}
 
 
 class Evaluator:
-    """Compute the recipe's metrics for an encoder and generator.
+    """Compute the recipe's metrics for whatever the objective can do.
 
     Args:
         resolved: the run's recipe (its ``[eval]`` table says what to compute).
         registry: the registry holding the ``metric_features`` components.
-        dataset, encoder, generator: the built (and loaded) components.
+        objective: the trained objective (``modules``, ``has_classifier`` /
+            ``has_reconstruction`` / ``has_generation``, ``classify``, ``reconstruct``,
+            ``prepare_generation``, ``generate``; optionally ``conditional``,
+            ``fitted_classes`` and ``generation_description``).
+        dataset: the built data set.
         device: where to run.
-        log: receives progress lines for people (``None``: quiet).
+        progress: ``None`` (quiet), a rich Console (progress bars with time left), a
+            ``log(text)`` callable (lines only) or a :class:`~capsgan_toolkit.metrics.Progress`.
+        log: older name of ``progress`` (a ``log(text)`` callable: lines only).
     """
 
-    def __init__(self, resolved: ResolvedRecipe, registry: Registry, *, dataset, encoder, generator,
-                 device: torch.device, log: Callable[[str], None] | None = None):
+    def __init__(self, resolved: ResolvedRecipe, registry: Registry, *, objective, dataset, device: torch.device,
+                 progress=None, log: Callable[[str], None] | None = None):
         self.resolved = resolved
         self.ev = resolved.recipe.eval
-        self.dataset, self.encoder, self.generator = dataset, encoder, generator
-        self.device = device
-        self.log = log
+        self.objective, self.dataset, self.device = objective, dataset, device
+        self.name = objective_name(objective, resolved)
+        self.progress: Progress = as_progress(progress if progress is not None else log)
         self.extractors = build_extractors(resolved, registry, dataset.info)
         self.cache_dir = cache_root(self.ev.cache_dir)
         self.data_id = data_id(resolved)
@@ -128,241 +160,154 @@ class Evaluator:
         """Prepare extractor ``label`` once (a domain classifier is trained or loaded from the cache)."""
         if label not in self._setups:
             self._setups[label] = self.extractors[label].prepare(
-                self.dataset, data_id=self.data_id, cache_dir=self.cache_dir, device=self.device, log=self.log)
+                self.dataset, data_id=self.data_id, cache_dir=self.cache_dir, device=self.device, log=self.progress)
         return self._setups[label]
 
     def run(self, metrics: list[str] | None = None, num_images: int | None = None) -> EvalReport:
         """Compute ``metrics`` (default: the recipe's) on ``num_images`` images (default: the recipe's)."""
         metrics = list(self.ev.metrics if metrics is None else metrics)
+        unknown = [m for m in metrics if m not in CATALOGUE]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {', '.join(CATALOGUE)}")
         n = num_images or self.ev.num_images
-        modes = (self.encoder.training, self.generator.training)
-        self.encoder.eval(), self.generator.eval()
+        modules = self.objective.modules()
+        modes = {name: m.training for name, m in modules.items()}
+        for m in modules.values():
+            m.eval()
         try:
             with fork_rng(self.device), torch.no_grad():
-                return self._run(metrics, n)
+                return self._run([CATALOGUE[m] for m in metrics], n)
         finally:
-            self.encoder.train(modes[0]), self.generator.train(modes[1])
+            for name, m in modules.items():
+                m.train(modes[name])
 
     # ------------------------------------------------------------------ the parts
 
-    def _run(self, metrics: list[str], n: int) -> EvalReport:
+    def _run(self, entries: list[Metric], n: int) -> EvalReport:
         report = EvalReport()
         ev, split_name = self.ev, self.ev.reference_split
-        wanted_labels = list(self.extractors) if any(m in FEATURE_METRICS for m in metrics) else []
-        for label in wanted_labels:
-            report.extractors[label] = self.setup(label).description
-        if "acc" in metrics:
+        possible = []
+        for entry in entries:
+            why = missing_capability(entry, self.objective, self.name)
+            if why is None:
+                possible.append(entry)
+            else:
+                report.skipped[entry.name] = why
+        if any(e.feature_extractor for e in possible):
+            for label in self.extractors:
+                report.extractors[label] = self.setup(label).description
+        if any(e.name == "acc" for e in possible):
             self._accuracy(report)
+        rec = [e for e in possible if e.needs == "reconstruction"]
+        gen = [e for e in possible if e.needs == "generation"]
+        if not rec and not gen:
+            return report
+
         split = self.dataset.split(split_name)
         n_ref = min(n, len(split))
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(ev.seed))[:n_ref]
-        reference = []
-        for images, _ in _batches(split, order, ev.batch_size):
-            reference.append(images)
-        real = torch.cat(reference)
+        real = torch.cat([images for images, _ in _batches(split, order, ev.batch_size)])
         real_u8 = to_fidelity_images(real)
-        base = {"reference_split": split_name, "num_reference": n_ref, "reference_seed": ev.seed}
+        base = {"reference_split": split_name, "num_reference": n_ref, "reference_seed": ev.seed,
+                "image_format": "uint8 RGB (grayscale replicated)"}
 
-        if any(m.startswith("rec") for m in metrics):
-            recon = self._reconstruct(real)
-            tag = f"{count_tag(n_ref)}_{split_name}"
-            if "rec" in metrics:
-                pixel = {"images": f"reconstructions of {n_ref} {split_name} images (predicted-class latent)",
-                         "pixels": "[0, 1]", **base}
-                report.add(f"rec_mse{tag}", mse(recon, real).mean(), metric="mse", **pixel)
-                report.add(f"rec_psnr{tag}", psnr(recon, real).mean(), metric="psnr_db (mean over images)", **pixel)
-                report.add(f"rec_ssim{tag}", ssim(recon, real).mean(),
-                           metric="ssim (gaussian 11x11, sigma 1.5, valid region)", **pixel)
-            self._scores(report, metrics, _REC_SCORES, to_fidelity_images(recon), real_u8, "rec", tag,
-                         {"images": "reconstructions of the reference images", "num_generated": n_ref, **base})
+        if rec:
+            recon = self._batched(real, self.objective.reconstruct, f"Reconstructing {n_ref} {split_name} images")
+            info = {**base, "images": f"reconstructions of {n_ref} {split_name} images (the {self.name} objective)",
+                    "num_generated": n_ref, "pixels": "[0, 1]"}
+            if any(e.name == "rec" for e in rec):
+                entry = CATALOGUE["rec"]
+                for stem, values, text in (
+                        ("rec_mse", recon_mse01(recon, real), "mse (mean over pixels and images)"),
+                        ("rec_psnr", psnr(recon, real), "psnr_db (mean over images)"),
+                        ("rec_ssim", ssim(recon, real), "ssim (gaussian 11x11, sigma 1.5, valid region)")):
+                    self._add(report, entry, result_key(stem, count=n_ref, split=split_name), values.mean(),
+                              {**info, "metric": text})
+            self._scores(report, [e for e in rec if e.fidelity_flag], to_fidelity_images(recon), real_u8,
+                         n_ref, info, "reconstructions")
 
-        if any(m.startswith("gen") for m in metrics):
-            prior = fit_prior(self.encoder, self.dataset, limit=ev.prior_images, seed=ev.seed,
-                              batch_size=ev.batch_size, device=self.device)
-            classes = prior.balanced_classes(n)
-            fake = self._generate(prior, classes)
+        if gen:
+            self.objective.prepare_generation(self.dataset.split("train"), limit=ev.prior_images, seed=ev.seed,
+                                              batch_size=ev.batch_size, device=self.device, progress=self.progress)
+            fitted = getattr(self.objective, "fitted_classes", None) or range(self.dataset.info.num_classes)
+            fitted = torch.as_tensor(list(fitted), dtype=torch.long)
+            classes = fitted[torch.arange(n) % len(fitted)]
+            sampler = torch.Generator().manual_seed(ev.seed + 2)
+            fake = self._batched(classes, lambda c: self.objective.generate(c, sampler), f"Generating {n} new images")
             fake_u8 = to_fidelity_images(fake)
-            info = {"images": f"new images from the class_gaussian latent prior ({prior.mode} mode, fitted on "
-                              f"{int(prior.counts.sum())} training images), classes balanced",
-                    "num_generated": n, "sample_seed": ev.seed + 2, **base}
-            self._scores(report, metrics, _GEN_SCORES, fake_u8, real_u8, "gen", f"{count_tag(n)}_{split_name}", info)
-            if "gen_condacc" in metrics:
-                for label in wanted_labels:
-                    setup = self.setup(label)
-                    if setup.classifier is None:
-                        report.skipped[f"gen_condacc@{label}"] = "needs a classifier over the data set's classes"
-                        continue
-                    report.add(f"gen_condacc{count_tag(n)}_{label}", conditional_accuracy(setup.classifier, fake_u8, classes),
-                               metric="class-conditional accuracy", feature_extractor=setup.description,
-                               **{k: v for k, v in info.items() if not k.startswith(("reference", "num_ref"))})
+            how = getattr(self.objective, "generation_description", None)
+            conditional = getattr(self.objective, "conditional", True)
+            info = {**base, "num_generated": n, "sample_seed": ev.seed + 2,
+                    "images": f"new images of the {self.name} objective" + (f" ({how})" if how else "")
+                              + (", classes balanced" if conditional else ", unconditional")}
+            self._scores(report, [e for e in gen if e.fidelity_flag], fake_u8, real_u8, n, info, "new images")
+            if any(e.name == "gen_condacc" for e in gen):
+                self._conditional_accuracy(report, fake_u8, classes, n, info)
         return report
+
+    @staticmethod
+    def _add(report: EvalReport, entry: Metric, key: str, value, info: dict[str, Any]) -> None:
+        """Add a number with exactly the protocol fields its catalogue entry names."""
+        report.add(key, float(value), **{f: info[f] for f in entry.protocol})
+
+    def _batched(self, inputs: torch.Tensor, fn, description: str) -> torch.Tensor:
+        out = []
+        size = self.ev.batch_size
+        with self.progress.task(description, inputs.shape[0]) as advance:
+            for start in range(0, inputs.shape[0], size):
+                chunk = inputs[start:start + size]
+                out.append(fn(chunk.to(self.device) if chunk.is_floating_point() else chunk).float().cpu())
+                advance(chunk.shape[0])
+        return torch.cat(out)
 
     def _accuracy(self, report: EvalReport) -> None:
         split = self.dataset.split("test")
         correct = 0
-        for images, labels in DataLoader(split, batch_size=self.ev.batch_size, shuffle=False):
-            scores = self.encoder.class_scores(self.encoder(images.to(self.device)))
+        loader = DataLoader(split, batch_size=self.ev.batch_size, shuffle=False)
+        for images, labels in self.progress.track(loader, f"Classifying the test split ({len(split)} images)"):
+            scores = self.objective.classify(images.to(self.device))
             correct += (scores.argmax(1).cpu() == torch.as_tensor(labels)).sum().item()
-        report.add(f"acc{count_tag(len(split))}_test", correct / max(len(split), 1),
-                   metric="encoder accuracy (longest class capsule)", images=f"the whole test split ({len(split)})")
+        self._add(report, CATALOGUE["acc"], result_key("acc", count=len(split)), correct / max(len(split), 1),
+                  {"metric": f"accuracy (argmax of the {self.name} objective's class scores)",
+                   "images": f"the whole test split ({len(split)})"})
 
-    def _reconstruct(self, real: torch.Tensor) -> torch.Tensor:
-        out = []
-        for start in range(0, real.shape[0], self.ev.batch_size):
-            x = real[start:start + self.ev.batch_size].to(self.device)
-            out.append(self.generator(self.encoder.to_latent(self.encoder(x))).float().cpu())
-        return torch.cat(out)
-
-    def _generate(self, prior: ClassGaussianPrior, classes: torch.Tensor) -> torch.Tensor:
-        latents = prior.sample(classes, torch.Generator().manual_seed(self.ev.seed + 2))
-        out = []
-        for start in range(0, latents.shape[0], self.ev.batch_size):
-            out.append(self.generator(latents[start:start + self.ev.batch_size].to(self.device)).float().cpu())
-        return torch.cat(out)
-
-    def _scores(self, report: EvalReport, metrics: list[str], table: dict[str, str], images: torch.Tensor,
-                real_u8: torch.Tensor, prefix: str, tag: str, info: dict[str, Any]) -> None:
-        requested = {table[m] for m in metrics if m in table}
-        if not requested:
+    def _scores(self, report: EvalReport, entries: list[Metric], images: torch.Tensor, real_u8: torch.Tensor,
+                count: int, info: dict[str, Any], what: str) -> None:
+        if not entries:
             return
+        n_gen, n_ref = images.shape[0], real_u8.shape[0]
         for label in self.extractors:
             setup = self.setup(label)
-            scores = {s for s in requested if FIDELITY_FLAGS[s] in setup.metrics}
-            for missing in sorted(requested - scores):
-                report.skipped[f"{prefix}_{missing}@{label}"] = (
-                    "needs class logits, which this extractor lacks" if missing == "is" else "not supported")
-            if not scores:
+            usable = [e for e in entries if e.fidelity_flag in setup.metrics]
+            for e in entries:
+                if e not in usable:
+                    report.skipped[f"{e.name}@{label}"] = ("needs class logits, which this extractor lacks"
+                                                           if e.class_logits else "not supported by this extractor")
+            if not usable:
                 continue
-            cache = (f"capsgan-{self.data_id}-{self.ev.reference_split}-n{real_u8.shape[0]}-"
-                     f"s{self.ev.seed}-{setup.identity}")
-            values = fidelity_scores(images, real_u8, setup, scores, reference_cache=cache, cache_dir=self.cache_dir,
-                                     device=self.device, seed=self.ev.seed, batch_size=self.ev.batch_size)
-            common = {"feature_extractor": setup.description, "image_format": "uint8 RGB (grayscale replicated)",
-                      **info}
-            count = tag.split("_", 1)[0]
-            if "fid" in values:
-                report.add(f"{prefix}_fid{tag}_{label}", values["fid"], metric="fid", **common)
-            if "kid" in values:
-                report.add(f"{prefix}_kid{tag}_{label}", values["kid"], metric="kid (poly kernel, subsets of "
-                           f"{min(1000, images.shape[0], real_u8.shape[0])})", std=values["kid_std"], **common)
-            if "is" in values:
-                is_info = {k: v for k, v in common.items() if not k.startswith(("reference", "num_ref"))}
-                report.add(f"{prefix}_is{count}_{label}", values["is"], metric="inception-style score "
-                           f"({min(10, images.shape[0])} splits)", std=values["is_std"], **is_info)
-            if "precision" in values:
-                report.add(f"{prefix}_precision{tag}_{label}", values["precision"], metric="precision (k=3)", **common)
-                report.add(f"{prefix}_recall{tag}_{label}", values["recall"], metric="recall (k=3)", **common)
+            cache = f"capsgan-{self.data_id}-{self.ev.reference_split}-n{n_ref}-s{self.ev.seed}-{setup.identity}"
+            values = fidelity_scores(images, real_u8, setup, {e.fidelity_flag for e in usable}, reference_cache=cache,
+                                     cache_dir=self.cache_dir, device=self.device, seed=self.ev.seed,
+                                     batch_size=self.ev.batch_size, progress=self.progress,
+                                     description=f"Scoring {n_gen} {what} in {label} features")
+            common = {**info, "feature_extractor": setup.description, "kid_subsets": KID_SUBSETS,
+                      "kid_subset_size": kid_subset_size(n_gen, n_ref), "is_splits": is_splits(n_gen)}
+            for e in usable:
+                for rk in e.keys:
+                    record = {**common, "metric": _SCORE_TEXT[rk.stem.split("_", 1)[1]](n_gen, n_ref)}
+                    if rk.fidelity_std:
+                        record["std"] = values[rk.fidelity_std]
+                    self._add(report, e, result_key(rk.stem, count=count, split=self.ev.reference_split, label=label),
+                              values[rk.fidelity_result], record)
 
-
-def periodic_evaluation(trainer) -> dict[str, Any] | None:
-    """Evaluate during training when ``eval.every_epochs`` says so; append a row of kind "eval".
-
-    Called at the end of each epoch by the trainer; returns the row, or ``None`` when
-    this epoch has no evaluation.
-    """
-    ev = trainer.recipe.eval
-    done = trainer.epoch + 1
-    if not ev.every_epochs or not ev.metrics or (done % ev.every_epochs and done != trainer.recipe.run.epochs):
-        return None
-    evaluator = _TRAINER_EVALUATORS.get(trainer)  # one per trainer: extractors are prepared once
-    if evaluator is None:
-        log = None if trainer.console is None else (lambda text: trainer.console.print(text, highlight=False))
-        evaluator = Evaluator(trainer.resolved, trainer.plugins.registry, dataset=trainer.c.dataset,
-                              encoder=trainer.c.encoder, generator=trainer.c.generator, device=trainer.device, log=log)
-        _TRAINER_EVALUATORS[trainer] = evaluator
-    report = evaluator.run()
-    row = {"kind": "eval", "epoch": trainer.epoch, "step": trainer.step, **report.metrics}
-    trainer.metrics.append(row)
-    protocol = {"epoch": trainer.epoch, "step": trainer.step, **report.to_dict()}
-    (trainer.run_dir / "eval_protocol.json").write_text(json.dumps(protocol, indent=2) + "\n", encoding="utf-8")
-    if trainer.console is not None:
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in report.metrics.items())
-        trainer.console.print(f"  eval: {shown}", highlight=False)
-    return row
-
-
-# ------------------------------------------------------------------ trained runs
-
-
-@dataclass
-class LoadedRun:
-    """A run folder's checkpoint, rebuilt: recipe, plugins, components with their weights."""
-
-    run_dir: Path
-    checkpoint: Path
-    epoch: int
-    step: int
-    resolved: ResolvedRecipe
-    plugins: PluginSet
-    components: Components
-    device: torch.device
-
-    def evaluator(self, log: Callable[[str], None] | None = None) -> Evaluator:
-        c = self.components
-        return Evaluator(self.resolved, self.plugins.registry, dataset=c.dataset, encoder=c.encoder,
-                         generator=c.generator, device=self.device, log=log)
-
-
-def find_checkpoint(run_dir, which: str | None = None) -> Path:
-    """Return the checkpoint of ``run_dir`` to evaluate: ``final``/``best``/a file name or path; default final, else newest."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunFolderError(f"{run_dir} is not a run folder (no such folder).")
-    folder = run_dir / "checkpoints"
-    if which:
-        for candidate in (Path(which), folder / which, folder / f"{which}.pt"):
-            if candidate.is_file():
-                return candidate
-        raise RunFolderError(f'No checkpoint "{which}" in {folder}. Use final, best, or a .pt file of that folder.')
-    if (folder / "final.pt").is_file():
-        return folder / "final.pt"
-    found = ckpt.latest(folder)
-    if found is None:
-        raise RunFolderError(f"{run_dir} holds no checkpoint (checkpoints/ is empty or missing); train it first.")
-    return found
-
-
-def load_run(run_dir, *, checkpoint: str | None = None, eval_overrides: dict[str, Any] | None = None,
-             sets: tuple[str, ...] = (), device: str | None = None, inception_weights: str | None = None) -> LoadedRun:
-    """Rebuild a trained run from its folder for evaluation or sampling.
-
-    Args:
-        run_dir: the run folder.
-        checkpoint: ``final``, ``best``, a file name in checkpoints/ or a path (default: final, else newest).
-        eval_overrides: ``[eval]`` keys to replace (from command-line options).
-        sets: ``eval.key=value`` overrides; other keys would change the model and are refused.
-        device: ``auto``/``cpu``/``cuda``/``mps`` (default: the recipe's run.device).
-        inception_weights: a local Inception weights file; adds an ``inception`` extractor
-            to ``eval.features`` unless one is configured.
-    """
-    path = find_checkpoint(run_dir, checkpoint)
-    state = ckpt.load_checkpoint(path)
-    data = copy.deepcopy(state["recipe"])
-    for text in sets:
-        if not text.split("=", 1)[0].strip().startswith("eval."):
-            raise RecipeError(f"--set {text}: only eval.* keys can change when evaluating a trained run "
-                              "(the others describe the model that was trained).")
-    applied = apply_overrides(data, list(sets))
-    section = data.setdefault("eval", {})
-    section.update(eval_overrides or {})
-    if inception_weights:
-        section["inception_weights"] = str(inception_weights)
-        features = section.setdefault("features", {"domain": {"plugin": "domain_classifier"}})
-        if not any(isinstance(t, dict) and t.get("plugin") == "inception" for t in features.values()):
-            features["inception"] = {"plugin": "inception"}
-    plugins = load_plugins(data.get("run", {}).get("plugins", []))
-    resolved = resolve(data, plugins.registry, source=f"{path} (the run's recipe)", overrides=applied)
-    target = pick_device(device or resolved.recipe.run.device)
-    components = build_components(resolved, plugins.registry)
-    try:
-        for name in ("encoder", "generator"):
-            getattr(components, name).load_state_dict(state["models"][name])
-    except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} does not fit the models of its own recipe ({str(exc).splitlines()[0]}); "
-                              "the plugins changed since it was trained.") from None
-    for module in (components.encoder, components.generator):
-        module.to(target).eval()
-    position = state.get("position", {})
-    return LoadedRun(run_dir=path.parent.parent, checkpoint=path, epoch=position.get("epoch", 0),
-                     step=position.get("step", 0), resolved=resolved, plugins=plugins, components=components,
-                     device=target)
+    def _conditional_accuracy(self, report: EvalReport, fake_u8: torch.Tensor, classes: torch.Tensor, n: int,
+                              info: dict[str, Any]) -> None:
+        entry = CATALOGUE["gen_condacc"]
+        for label in self.extractors:
+            setup = self.setup(label)
+            if setup.classifier is None:
+                report.skipped[f"gen_condacc@{label}"] = "needs a classifier over the data set's classes"
+                continue
+            self._add(report, entry, result_key("gen_condacc", count=n, label=label),
+                      conditional_accuracy(setup.classifier, fake_u8, classes),
+                      {**info, "metric": "class-conditional accuracy", "feature_extractor": setup.description})
