@@ -1,5 +1,6 @@
-"""Metrics: scores through torch-fidelity against float64 references, pixel metrics, latent prior,
-feature extractors (domain classifier, Inception plumbing, TorchScript TF-Inception) and the offline error."""
+"""Metrics: the catalogue, scores through torch-fidelity against float64 references, pixel metrics,
+latent prior, feature extractors (domain classifier, Inception plumbing, TorchScript TF-Inception),
+the offline error, and the Evaluator on objectives that can do less than everything."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from capsgan_plugins import metric_features as mf
+from capsgan_toolkit.catalogue import count_tag
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.interfaces import FeatureSetup
-from capsgan_toolkit.metrics import count_tag, fidelity_scores, mse, psnr, ssim, to_fidelity_images
+from capsgan_toolkit.metrics import fidelity_scores, psnr, recon_mse01, ssim, to_fidelity_images
 from capsgan_toolkit.prior import ClassGaussianPrior, encode_for_prior
 
 CPU = torch.device("cpu")
@@ -83,14 +85,17 @@ def _images(seed: int, n: int, shift: int = 0) -> torch.Tensor:
 
 def test_scores_through_torch_fidelity_match_float64_references(tmp_path):
     gen, ref = _images(0, 60), _images(1, 60, shift=20)
-    got = fidelity_scores(gen, ref, LINEAR, {"fid", "kid", "is"}, reference_cache=None, cache_dir=tmp_path,
-                          device=CPU, seed=3)
+    got = fidelity_scores(gen, ref, LINEAR, {"fid", "kid", "isc"}, reference_cache=None, cache_dir=tmp_path,
+                          device=CPU, seed=3, kid_subset=60)
     f1 = gen.reshape(60, -1).double().numpy() @ PROJ.numpy()
     f2 = ref.reshape(60, -1).double().numpy() @ PROJ.numpy()
-    assert got["fid"] == pytest.approx(_fid64(f1, f2), rel=1e-3)
-    assert got["fid"] > 1.0
-    # KID subsets hold every image (60 < 1000), so each subset's MMD is the full one.
-    assert got["kid"] == pytest.approx(_kid64(f1, f2), rel=1e-3)
+    fid = got["frechet_inception_distance"]
+    assert fid == pytest.approx(_fid64(f1, f2), rel=1e-3)
+    assert fid > 1.0
+    # Subsets of all 60 images: each subset's MMD is the full one, so the std says nothing (0 but rounding).
+    kid = got["kernel_inception_distance_mean"]
+    assert kid == pytest.approx(_kid64(f1, f2), rel=1e-3)
+    assert got["kernel_inception_distance_std"] < 1e-5 * kid
     # IS: softmax of the logits, shuffled by RandomState(seed), 10 splits.
     logits = gen.reshape(60, -1).double().numpy() @ LOGIT_PROJ.numpy()
     logits = logits[np.random.RandomState(3).permutation(60)]
@@ -101,9 +106,9 @@ def test_scores_through_torch_fidelity_match_float64_references(tmp_path):
         chunk = p[i * 6:(i + 1) * 6]
         kl = (chunk * (np.log(chunk) - np.log(chunk.mean(0, keepdims=True)))).sum(1).mean()
         scores.append(math.exp(kl))
-    assert got["is"] == pytest.approx(np.mean(scores), rel=1e-5)
+    assert got["inception_score_mean"] == pytest.approx(np.mean(scores), rel=1e-5)
     same = fidelity_scores(ref, ref, LINEAR, {"fid"}, reference_cache="ref", cache_dir=tmp_path, device=CPU, seed=3)
-    assert abs(same["fid"]) < 1e-3 * got["fid"]
+    assert abs(same["frechet_inception_distance"]) < 1e-3 * fid
     assert list((tmp_path / "fidelity").glob("ref-capsgan-test-linear-*")), "reference features were not cached"
 
 
@@ -138,7 +143,10 @@ def test_pixel_metrics_match_float64_references():
     recon = (target + 0.3 * torch.randn_like(target)).clamp(-1, 1)
     x01, y01 = (recon.double().numpy() + 1) / 2, (target.double().numpy() + 1) / 2
     want_mse = ((x01 - y01) ** 2).mean(axis=(1, 2, 3))
-    assert mse(recon, target).numpy() == pytest.approx(want_mse, rel=1e-9)
+    assert recon_mse01(recon, target).numpy() == pytest.approx(want_mse, rel=1e-9)
+    # [0, 1] units: a quarter of the same error in the model's [-1, 1] units.
+    assert recon_mse01(recon, target).numpy() == pytest.approx(
+        ((recon.double() - target.double()) ** 2).mean(dim=(1, 2, 3)).numpy() / 4, rel=1e-9)
     assert psnr(recon, target).numpy() == pytest.approx(10 * np.log10(1 / want_mse), rel=1e-9)
     got = ssim(recon, target)
     for i in range(2):
@@ -221,7 +229,8 @@ def test_domain_classifier_separates_real_glyphs_from_noise_and_is_reproducible(
                            device=CPU, seed=0)
     fake = fidelity_scores(noise, real_b, setup, {"fid", "kid"}, reference_cache="b", cache_dir=tmp_path,
                            device=CPU, seed=0)
-    assert fake["fid"] > 20 * real["fid"] and fake["kid"] > 20 * abs(real["kid"])
+    fid, kid = "frechet_inception_distance", "kernel_inception_distance_mean"
+    assert fake[fid] > 20 * real[fid] and fake[kid] > 20 * abs(real[kid])
     assert setup.classifier(real_a).shape == (60, 10)
 
     # Cached: no retraining. Same seed elsewhere: the same weights. Another seed: others.
@@ -264,7 +273,7 @@ def test_inception_scores_plumbing_with_random_weights(registry, tmp_path):
     """
     weights = random_inception_weights(tmp_path / "inception-random.pth")
     info = registry.create("dataset", "glyphs").info
-    extractor = registry.create("metric_features", "inception", {}, info=info, inception_weights=str(weights))
+    extractor = registry.create("metric_features", "inception", {"weights": str(weights)}, info=info)
     extractor.check()
     setup = extractor.prepare(None, data_id="x", cache_dir=tmp_path, device=CPU)
     assert setup.fidelity_kwargs["feature_extractor_weights_path"] == str(weights)
@@ -272,19 +281,18 @@ def test_inception_scores_plumbing_with_random_weights(registry, tmp_path):
     base = _images(7, 8)
     shifted = (base.int() + 90).clamp(0, 255).to(torch.uint8)
     same = fidelity_scores(base, base, setup, {"fid"}, reference_cache="base", cache_dir=tmp_path,
-                           device=CPU, seed=0)
+                           device=CPU, seed=0)["frechet_inception_distance"]
     moved = fidelity_scores(shifted, base, setup, {"fid"}, reference_cache="base", cache_dir=tmp_path,
-                            device=CPU, seed=0)
-    assert moved["fid"] > 0 and abs(same["fid"]) < 1e-3 * moved["fid"]
+                            device=CPU, seed=0)["frechet_inception_distance"]
+    assert moved > 0 and abs(same) < 1e-3 * moved
     assert list(tmp_path.glob("fidelity/base-inception-v3-compat-*")), "reference features were not cached"
 
     bad = tmp_path / "not-weights.pth"
     torch.save({"something": torch.zeros(1)}, bad)
     with pytest.raises(CapsganError, match="not a torch-fidelity Inception-v3 weights file"):
-        registry.create("metric_features", "inception", {}, info=info, inception_weights=str(bad)).check()
+        registry.create("metric_features", "inception", {"weights": str(bad)}, info=info).check()
     with pytest.raises(CapsganError, match="does not exist.*--inception-weights"):
-        registry.create("metric_features", "inception", {}, info=info,
-                        inception_weights=str(tmp_path / "missing.pth")).check()
+        registry.create("metric_features", "inception", {"weights": str(tmp_path / "missing.pth")}, info=info).check()
 
 
 def offline(monkeypatch, tmp_path):
@@ -304,7 +312,7 @@ def test_offline_without_weights_fails_before_training(monkeypatch, tmp_path, pl
     with pytest.raises(CapsganError) as info:
         Trainer(resolved, plugins, tmp_path / "run")
     message = str(info.value)
-    for needle in ("weights-inception-2015-12-05-6726825d.pth", "--inception-weights", "eval.inception_weights",
+    for needle in ("weights-inception-2015-12-05-6726825d.pth", "--inception-weights", "weights = ",
                    "offline", "domain_classifier"):
         assert needle in message, needle
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -357,9 +365,9 @@ def test_tf_torchscript_features_match_torch_fidelity_inception_with_its_weights
     setup = registry.create("metric_features", "inception_tf_torchscript", {}, info=info).prepare(
         None, data_id="x", cache_dir=Path("."), device=CPU)
     assert "isc" not in setup.metrics
-    from capsgan_plugins.fidelity_adapters import TFTorchScriptFidelityExtractor
+    from capsgan_plugins.fidelity_adapters import TF_TORCHSCRIPT_FIDELITY_NAME, TFTorchScriptFidelityExtractor
 
-    ours = TFTorchScriptFidelityExtractor(mf.TF_TORCHSCRIPT_FIDELITY_NAME, ["2048"],
+    ours = TFTorchScriptFidelityExtractor(TF_TORCHSCRIPT_FIDELITY_NAME, ["2048"],
                                           feature_extractor_weights_path=setup.fidelity_kwargs[
                                               "feature_extractor_weights_path"])
     with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
@@ -374,3 +382,302 @@ def test_tf_torchscript_features_match_torch_fidelity_inception_with_its_weights
         (a,), (b,) = ours(images), reference(images)
     assert a.shape == (2, 2048) and a.abs().max() > 0.1
     assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6
+
+
+# ------------------------------------------------------------------- the catalogue
+
+
+def test_result_key_builds_and_direction_reads_every_pattern():
+    from capsgan_toolkit import catalogue as cat
+
+    assert cat.result_key("gen_fid", count=1000, split="test", label="domain") == "gen_fid1k_test_domain"
+    assert cat.result_key("rec_mse", count=32, split="test", label="ignored") == "rec_mse32_test"
+    assert cat.result_key("gen_is", count=10000, split="test", label="inception") == "gen_is10k_inception"
+    assert cat.result_key("acc", count=2500) == "acc2500_test"
+    assert cat.result_key(cat.EPOCH_TEST_REC_MSE) == "test_rec_mse01"
+    with pytest.raises(ValueError, match="label"):
+        cat.result_key("gen_kid", count=10, split="test")
+    with pytest.raises(KeyError, match="gen_fidd"):
+        cat.result_key("gen_fidd", count=10)
+
+    assert cat.direction("gen_fid1k_test_domain") == "lower"
+    assert cat.direction("gen_kid500_train_my_net") == "lower"
+    assert cat.direction("rec_mse32_test") == "lower"
+    assert cat.direction("rec_psnr32_test") == cat.direction("rec_ssim1k_test") == "higher"
+    assert cat.direction("gen_is10k_inception") == cat.direction("gen_condacc1k_domain") == "higher"
+    assert cat.direction("gen_precision1k_test_domain") == cat.direction("gen_recall1k_test_domain") == "higher"
+    assert cat.direction("acc10k_test") == cat.direction("test_acc") == "higher"
+    assert cat.direction("test_rec_mse01") == "lower"
+    assert cat.direction("gen_fid") == "lower" and cat.direction("rec_psnr") == "higher"
+    with pytest.raises(KeyError):
+        cat.direction("time_s")
+    assert cat.direction("time_s", None) is None
+
+    # Every pattern round-trips through result_key -> parse, with the right direction.
+    for stem, key in cat.RESULT_KEYS.items():
+        built = cat.result_key(stem, count=1000, split="test", label="my_net2")
+        parsed = cat.parse(built)
+        assert parsed is not None and parsed.key is key, built
+        assert cat.direction(built) == key.direction
+        assert key.direction in ("lower", "higher") and key.unit and key.quantity
+        assert ("lower" if key.direction == "lower" else "higher").capitalize() in cat.describe(built)
+    assert cat.parse("gen_fid1k_test_domain") == cat.ParsedKey(cat.RESULT_KEYS["gen_fid"], "1k", "test", "domain")
+    assert "1k new images" in cat.describe("gen_fid1k_test_domain") and "'domain'" in cat.describe("gen_fid1k_test_domain")
+
+
+def test_catalogue_is_the_one_list_of_names():
+    from capsgan_toolkit import catalogue as cat
+    from capsgan_toolkit.recipe import EVAL_METRICS, EvalSection
+
+    assert EvalSection is cat.EvalSection and EVAL_METRICS is cat.EVAL_METRICS
+    assert list(cat.CATALOGUE) == ["acc", "rec", "rec_fid", "rec_kid", "gen_fid", "gen_kid", "gen_is", "gen_prc",
+                                   "gen_condacc"]
+    assert cat.FIDELITY_FLAGS == {"rec_fid": "fid", "rec_kid": "kid", "gen_fid": "fid", "gen_kid": "kid",
+                                  "gen_is": "isc", "gen_prc": "prc"}
+    assert set(cat.FEATURE_METRICS) == set(cat.CATALOGUE) - {"acc", "rec"}
+    assert set(cat.EPOCH_KEYS) == {"test_acc", "test_rec_mse01"}
+    for entry in cat.CATALOGUE.values():
+        assert entry.needs in ("classifier", "reconstruction", "generation")
+        assert entry.name == entry.keys[0].stem or entry.name in ("rec", "gen_prc")
+        assert all(k.stem.startswith(entry.name.split("_")[0]) for k in entry.keys)
+        if entry.fidelity_flag:
+            assert all(k.fidelity_result for k in entry.keys), entry.name
+        if "std" in entry.protocol:
+            assert all(k.fidelity_std for k in entry.keys), entry.name
+
+
+def test_docs_metrics_md_lists_every_catalogue_entry():
+    from capsgan_toolkit import catalogue as cat
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text(encoding="utf-8")
+    for name in cat.CATALOGUE:
+        assert f"`{name}`" in docs, f"docs/metrics.md does not list the metric {name}"
+    for key in cat.RESULT_KEYS.values():
+        assert f"`{key.pattern}`" in docs, f"docs/metrics.md does not list the result key {key.pattern}"
+    assert cat.markdown_table() in docs, (
+        "docs/metrics.md's catalogue table is stale: paste the output of `python -m capsgan_toolkit.catalogue`")
+
+
+def test_eval_table_takes_inception_weights_as_the_extractors_param():
+    from capsgan_toolkit.catalogue import EvalSection, add_inception
+
+    table = add_inception({"metrics": ["gen_fid"]}, "/w/inception.pth")
+    assert table["features"] == {"domain": {"plugin": "domain_classifier"},
+                                 "inception": {"plugin": "inception", "weights": "/w/inception.pth"}}
+    configured = {"features": {"net": {"plugin": "inception"}, "d": {"plugin": "domain_classifier"}}}
+    assert add_inception(configured, "x.pth")["features"]["net"] == {"plugin": "inception", "weights": "x.pth"}
+    assert configured["features"]["net"] == {"plugin": "inception"}, "add_inception changed its argument"
+    assert EvalSection.model_validate(table).features["inception"].params == {"weights": "/w/inception.pth"}
+    # A recipe of an older run still reads: eval.inception_weights becomes the weights param.
+    old = EvalSection.model_validate({"inception_weights": "old.pth", "features": configured["features"]})
+    assert old.features["net"].params == {"weights": "old.pth"} and old.features["d"].params == {}
+    assert "inception_weights" not in old.model_dump()
+    assert EvalSection.model_validate({"inception_weights": ""}).features["domain"].plugin == "domain_classifier"
+
+
+def test_kid_std_is_informative_at_the_default_subset_size(tmp_path):
+    from capsgan_toolkit.catalogue import kid_subset_size
+
+    assert kid_subset_size(1000, 1000) == 500 and kid_subset_size(50000, 10000) == 1000
+    assert kid_subset_size(10, 32) == 5
+    gen, ref = _images(0, 60), _images(1, 60, shift=20)
+    got = fidelity_scores(gen, ref, LINEAR, {"kid"}, reference_cache=None, cache_dir=tmp_path, device=CPU, seed=3)
+    full = fidelity_scores(gen, ref, LINEAR, {"kid"}, reference_cache=None, cache_dir=tmp_path, device=CPU, seed=3,
+                           kid_subset=60)
+    mean, std = got["kernel_inception_distance_mean"], got["kernel_inception_distance_std"]
+    assert std > 0.01 * abs(mean)
+    # The estimator is unbiased: the mean of 100 half-size subsets is near the full-set value.
+    assert abs(mean - full["kernel_inception_distance_mean"]) < 3 * std / math.sqrt(10)
+
+
+# -------------------------------------------------------------------- progress
+
+
+def _recording_console():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), force_terminal=True, width=160, color_system=None)
+
+
+def test_progress_draws_bars_with_time_left_and_is_quiet_without_a_console():
+    from capsgan_toolkit.metrics import Progress, as_progress
+
+    console = _recording_console()
+    progress = as_progress(console)
+    with progress.task("Outer work", 3) as advance:
+        for _ in progress.track(range(4), "Inner work"):
+            pass
+        advance(3)
+    text = console.file.getvalue()
+    assert "Outer work" in text and "Inner work" in text and "3/3" in text and "4/4" in text and "left" in text
+    assert progress._bars is None  # the live display stopped with the last task
+
+    lines = []
+    with as_progress(lines.append).task("Plain work", 2) as advance:
+        advance(2)
+    assert lines[0] == "Plain work ..." and lines[1].startswith("Plain work: done in")
+    with as_progress(None).task("Nothing", 1) as advance:  # quiet: no output anywhere
+        advance(1)
+    assert as_progress(progress) is progress and Progress().quiet
+
+
+def test_domain_classifier_training_shows_a_bar(registry, tmp_path):
+    from capsgan_toolkit.metrics import Progress
+
+    data = registry.create("dataset", "glyphs", {"image_size": 28, "channels": 1, "num_train": 64,
+                                                 "num_test": 16, "batch_size": 8})
+    extractor = registry.create("metric_features", "domain_classifier",
+                                {"epochs": 2, "channels": 4, "feature_dim": 8, "batch_size": 16}, info=data.info)
+    console = _recording_console()
+    extractor.prepare(data, data_id="bar-test", cache_dir=tmp_path, device=CPU, log=Progress(console))
+    text = console.file.getvalue()
+    assert "Training the domain classifier (2 epochs of 64 images" in text and "8/8" in text
+
+
+# ------------------------------------------------- the Evaluator on objectives
+
+
+class FakeReconstructionGAN:
+    """Test objective: an encoder and a generator, as the report's algorithm has them."""
+
+    name = "fake_gan"
+    has_classifier = has_reconstruction = has_generation = True
+    conditional = True
+
+    def __init__(self, encoder, generator, num_classes):
+        self.encoder, self.generator, self.num_classes = encoder, generator, num_classes
+        self.prior = None
+
+    def modules(self):
+        return {"encoder": self.encoder, "generator": self.generator}
+
+    def classify(self, images):
+        return self.encoder.class_scores(self.encoder(images))
+
+    def reconstruct(self, images):
+        return self.generator(self.encoder.to_latent(self.encoder(images)))
+
+    def prepare_generation(self, train_split, *, limit, seed, batch_size, device, progress=None):
+        from capsgan_toolkit.evaluation import fit_prior
+
+        self.prior = fit_prior(self.encoder, train_split, limit=limit, seed=seed, batch_size=batch_size,
+                               device=device, num_classes=self.num_classes, progress=progress)
+
+    @property
+    def fitted_classes(self):
+        return self.prior.fitted_classes
+
+    def generate(self, classes, generator):
+        return self.generator(self.prior.sample(classes, generator))
+
+
+class FakeDCGAN:
+    """Test objective: generation only, from noise, unconditional (like a plain DCGAN)."""
+
+    name = "dcgan"
+    has_classifier = has_reconstruction = False
+    has_generation = True
+    conditional = False
+
+    def __init__(self, generator, latent):
+        self.generator, self.latent = generator, latent
+
+    def modules(self):
+        return {"generator": self.generator}
+
+    def prepare_generation(self, train_split, **kwargs):
+        pass
+
+    def generate(self, classes, generator):
+        return self.generator(torch.randn(classes.shape[0], *self.latent, generator=generator))
+
+
+def _evaluator_parts(registry, tmp_path):
+    from types import SimpleNamespace
+
+    from capsgan_toolkit.catalogue import EvalSection
+
+    torch.manual_seed(0)
+    data = registry.create("dataset", "glyphs", {"image_size": 28, "channels": 1, "num_train": 96,
+                                                 "num_test": 40, "batch_size": 8})
+    encoder = registry.create("encoder", "cnn", {"channels": 4, "capsule_dim": 4, "latent": "true_class"},
+                              image_shape=(1, 28, 28), num_classes=10)
+    generator = registry.create("generator", "dcgan", {"base_channels": 8}, num_classes=10, capsule_dim=4,
+                                image_shape=(1, 28, 28))
+    domain = {"epochs": 1, "channels": 4, "feature_dim": 8, "batch_size": 16}
+    ev = EvalSection.model_validate({"num_images": 20, "batch_size": 8, "prior_images": 0, "cache_dir": str(tmp_path),
+                                     "features": {"domain": {"plugin": "domain_classifier", **domain}}})
+    params = registry.get("metric_features", "domain_classifier").params_model(**domain)
+    resolved = SimpleNamespace(recipe=SimpleNamespace(eval=ev), params={"eval.features.domain": params},
+                               to_dict=lambda: {"data": {"plugin": "glyphs", "num_train": 96, "num_test": 40}})
+    return resolved, data, encoder, generator
+
+
+def test_evaluator_scores_what_the_objective_offers_with_catalogue_protocols(registry, tmp_path):
+    from capsgan_toolkit.catalogue import CATALOGUE, parse
+    from capsgan_toolkit.evaluation import Evaluator
+
+    resolved, data, encoder, generator = _evaluator_parts(registry, tmp_path)
+    objective = FakeReconstructionGAN(encoder.train(), generator.train(), 10)
+    lines = []
+    evaluator = Evaluator(resolved, registry, objective=objective, dataset=data, device=CPU, progress=lines.append)
+    before = torch.get_rng_state()
+    report = evaluator.run()
+    assert torch.equal(torch.get_rng_state(), before), "evaluation moved the caller's random state"
+    assert encoder.training and generator.training, "the models' modes were not restored"
+    assert set(report.metrics) == {"acc40_test", "rec_mse20_test", "rec_psnr20_test", "rec_ssim20_test",
+                                   "rec_fid20_test_domain", "gen_fid20_test_domain", "gen_kid20_test_domain",
+                                   "gen_is20_domain", "gen_condacc20_domain"}
+    assert report.skipped == {}
+    for key, record in report.protocol.items():
+        stem = parse(key).key.stem
+        entry = next(e for e in CATALOGUE.values() if any(k.stem == stem for k in e.keys))
+        assert set(record) == set(entry.protocol), key
+    kid = report.protocol["gen_kid20_test_domain"]
+    assert kid["kid_subset_size"] == 10 and kid["kid_subsets"] == 100 and "subsets of 10 images" in kid["metric"]
+    assert kid["std"] > 0
+    assert any(line.startswith("Fitting the latent prior on 96 training images") for line in lines)
+    assert any(line.startswith("Training the domain classifier") for line in lines)
+
+
+def test_evaluator_skips_what_a_generation_only_objective_cannot_give(registry, tmp_path):
+    from capsgan_toolkit.catalogue import render_table
+    from capsgan_toolkit.evaluation import Evaluator
+
+    resolved, data, _, generator = _evaluator_parts(registry, tmp_path)
+    evaluator = Evaluator(resolved, registry, objective=FakeDCGAN(generator, (10, 4)), dataset=data, device=CPU)
+    report = evaluator.run(["acc", "rec", "rec_fid", "gen_fid", "gen_condacc"], num_images=12)
+    assert set(report.metrics) == {"gen_fid12_test_domain"}
+    assert report.skipped == {
+        "acc": "the dcgan objective has no encoder", "rec": "the dcgan objective has no encoder",
+        "rec_fid": "the dcgan objective has no encoder",
+        "gen_condacc": "the dcgan objective generates unconditionally: no class to recognise"}
+    assert "unconditional" in report.protocol["gen_fid12_test_domain"]["images"]
+
+    console = _recording_console()
+    console.print(render_table(report))
+    text = console.file.getvalue()
+    assert "gen_fid12_test_domain" in text and "lower ↓" in text
+    assert "skipped" in text and "the dcgan objective has no encoder" in text
+
+    # A classifier-only objective: accuracy, nothing else, and no feature extractor is prepared.
+    class Classifier(FakeReconstructionGAN):
+        name = "classifier"
+        has_reconstruction = has_generation = False
+
+    only = Evaluator(resolved, registry, objective=Classifier(_.eval(), generator, 10), dataset=data, device=CPU)
+    report = only.run(["acc", "gen_is"])
+    assert list(report.metrics) == ["acc40_test"] and report.extractors == {}
+    assert report.skipped == {"gen_is": "the classifier objective generates no images"}
+
+
+def test_docs_give_the_feature_extractors_true_defaults(registry):
+    """docs/recipes.md's [eval] table states each built-in extractor's params with the code's defaults."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
+    for plugin in ("domain_classifier", "inception", "inception_tf_torchscript"):
+        row = next(line for line in docs.splitlines() if line.startswith(f"| `{plugin}` |"))
+        for name, field in registry.get("metric_features", plugin).params_model.model_fields.items():
+            default = f'"{field.default}"' if isinstance(field.default, str) else str(field.default)
+            assert f"`{name}` (`{default}`" in row, f"docs/recipes.md: {plugin}.{name} should show {default}"
