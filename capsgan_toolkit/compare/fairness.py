@@ -1,0 +1,176 @@
+"""Fairness: every recipe key on which the arms differ, and which differences are refused.
+
+Three kinds of keys:
+
+- meant to differ (the thing being compared): ``encoder.*``, ``objective.*``,
+  ``generator.*``, ``discriminator.*``, ``losses.*``, ``optim.*``, ``gate.*``, ``run.name``;
+- must match (a difference confounds the comparison): ``data.*`` (data set, image size,
+  batch size, ...), the budget (``run.epochs``, ``run.steps_per_epoch``, ``run.max_steps``,
+  ``run.max_minutes``), the evaluation protocol (``eval.*`` but the incidental
+  ``eval.every_epochs``, ``eval.cache_dir``, ``eval.batch_size``) and the seed set
+  (``run.seed``, compared as the set of seeds of each arm). A difference is refused unless
+  ``--allow-difference KEY`` (or the spec's ``allow_difference``) names the key or a table
+  above it; allowed differences are then shown in red in every output;
+- other keys (device, logging, checkpoints, ...): shown, never refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from capsgan_toolkit.compare.spec import CompareError
+
+MEANT = ("encoder", "objective", "generator", "discriminator", "losses", "optim", "gate")
+MEANT_KEYS = ("run.name",)
+MUST_MATCH = ("data",)
+MUST_MATCH_KEYS = ("run.epochs", "run.steps_per_epoch", "run.max_steps", "run.max_minutes", "run.seed")
+INCIDENTAL_EVAL = ("eval.every_epochs", "eval.cache_dir", "eval.batch_size")
+ALIASES = {"seeds": "run.seed", "seed": "run.seed", "image_size": "data.image_size", "batch_size": "data.batch_size"}
+ABSENT = "(absent)"
+PER_RUN = ("run.seed", "run.name", "run.device")
+"""Keys expected to vary between the runs of one arm."""
+
+
+def _under(key: str, table: str) -> bool:
+    return key == table or key.startswith(table + ".")
+
+
+def category(key: str) -> str:
+    """Return "meant", "must_match" or "other" for a dotted recipe key."""
+    if key in MEANT_KEYS or any(_under(key, t) for t in MEANT):
+        return "meant"
+    if key in MUST_MATCH_KEYS or any(_under(key, t) for t in MUST_MATCH):
+        return "must_match"
+    if _under(key, "eval") and not any(_under(key, t) for t in INCIDENTAL_EVAL):
+        return "must_match"
+    return "other"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested tables into dotted keys (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def show(value: Any) -> str:
+    if value is ABSENT:
+        return ABSENT
+    return json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+
+
+@dataclass
+class Difference:
+    """One key on which the arms differ: each arm's value(s), its category and whether it is allowed."""
+
+    key: str
+    category: str
+    values: dict[str, list[str]]
+    allowed: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.category != "must_match":
+            return self.category
+        return "allowed" if self.allowed else "refused"
+
+    def shown(self, arm: str) -> str:
+        vals = self.values.get(arm, [])
+        if self.key == "run.seed":
+            return ", ".join(vals) if vals else "(none)"
+        return vals[0] if len(vals) == 1 else "varies: " + " | ".join(vals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "category": self.category, "status": self.status,
+                "values": {arm: self.shown(arm) for arm in self.values}}
+
+
+@dataclass
+class Fairness:
+    """Every difference between the arms, and the keys allowed to differ."""
+
+    differences: list[Difference] = field(default_factory=list)
+    allow: list[str] = field(default_factory=list)
+
+    @property
+    def refused(self) -> list[Difference]:
+        return [d for d in self.differences if d.status == "refused"]
+
+    @property
+    def allowed(self) -> list[Difference]:
+        return [d for d in self.differences if d.status == "allowed"]
+
+    def check(self) -> None:
+        """Raise :class:`CompareError` naming every refused difference and how to allow it."""
+        refused = self.refused
+        if not refused:
+            return
+        arms = list(refused[0].values)
+        lines = [f"The arms differ where a fair comparison needs them equal ({len(refused)} key"
+                 f"{'s' if len(refused) != 1 else ''}):"]
+        for d in refused:
+            lines.append(f"  - {d.key}: " + ", ".join(f"{arm} {d.shown(arm)}" for arm in arms))
+        keys = " ".join(f"--allow-difference {d.key}" for d in refused)
+        lines.append("Make the arms' recipes agree (an arm's `set` in the spec can fix a key), or accept the "
+                     f"confound with {keys} (it is then shown in red in every output).")
+        raise CompareError("\n".join(lines))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"allow": self.allow, "differences": [d.to_dict() for d in self.differences],
+                "allowed_differences": [d.key for d in self.allowed],
+                "categories": {"meant": "meant to differ (what is compared)",
+                               "must_match": "must match unless allowed (data, budget, eval protocol, seed set)",
+                               "other": "incidental (device, logging, checkpoints)"}}
+
+
+def is_allowed(key: str, allow: list[str]) -> bool:
+    for entry in allow:
+        entry = ALIASES.get(entry, entry).removesuffix(".*").rstrip(".")
+        if _under(key, entry):
+            return True
+    return False
+
+
+def compare_recipes(recipes: dict[str, list[dict[str, Any]]], allow: list[str] = ()) -> Fairness:
+    """List every dotted key on which the arms differ.
+
+    Args:
+        recipes: arm label -> the resolved recipe dict of each of its runs (one per seed).
+        allow: keys (or tables) allowed to differ although they must match.
+
+    Returns:
+        The :class:`Fairness` record; call ``check()`` to refuse what is not allowed.
+    """
+    allow = list(allow)
+    flat = {arm: [flatten(r) for r in runs] for arm, runs in recipes.items()}
+    keys = sorted({k for runs in flat.values() for r in runs for k in r})
+    out = []
+    for key in keys:
+        values: dict[str, list[str]] = {}
+        for arm, runs in flat.items():
+            seen: list[str] = []
+            for r in runs:
+                text = show(r.get(key, ABSENT))
+                if text not in seen:
+                    seen.append(text)
+            values[arm] = sorted(seen, key=_seed_order) if key == "run.seed" else seen
+        differs = len({tuple(v) for v in values.values()}) > 1
+        if key not in PER_RUN:  # one arm's runs disagreeing is a difference too
+            differs = differs or any(len(v) > 1 for v in values.values())
+        if differs:
+            out.append(Difference(key, category(key), values, allowed=is_allowed(key, allow)))
+    return Fairness(out, allow)
+
+
+def _seed_order(text: str):
+    try:
+        return (0, int(text))
+    except ValueError:
+        return (1, text)

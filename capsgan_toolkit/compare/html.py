@@ -1,0 +1,333 @@
+"""``compare.html``: one self-contained page (no network), charts and pictures inlined as data: URIs.
+
+Sections: the verdict table, metric bars with 95 % error bars and every seed's value,
+learning curves of every arm overlaid (mean and min-max band over seeds), gate timelines,
+the last sample grids of every run side by side (a row per seed), the fairness table, the
+cost table, the protocol and the statistics used, with a visible note on few seeds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsgan_toolkit.compare.collect import RunRecord
+from capsgan_toolkit.compare.report import arm_labels, cell, diff_cell, fmt
+
+GATE_KEYS = ("gate_warmup", "gate_generator", "gate_discriminator")
+_TRAIN_SKIP = {"epoch", "step", "images_per_s", "skipped_steps", "batch_acc", *GATE_KEYS}
+_EPOCH_SKIP = {"epoch", "step", "time_s", "encoder_acc", "disc_acc"}
+MAX_PANELS = 12
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_uri(fig) -> str:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return data_uri(buf.getvalue())
+
+
+def _colors(arms: list[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    return {arm: cmap(i % 10) for i, arm in enumerate(arms)}
+
+
+def _grid(n: int, ncols: int = 4, size=(3.6, 2.8)):
+    plt = _pyplot()
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def bars_figure(report: dict, key: str = "metrics") -> str | None:
+    """Bars of each metric's mean per arm, 95 % t-interval error bars, a dot per seed."""
+    entries = [e for e in report[key] if e["arms"]][:MAX_PANELS * 2]
+    if not entries:
+        return None
+    arms = arm_labels(report)
+    colors = _colors(arms)
+    fig, axes = _grid(len(entries))
+    for ax, entry in zip(axes, entries):
+        xs, labels = [], []
+        for i, arm in enumerate(arms):
+            s = entry["arms"].get(arm)
+            if s is None:
+                continue
+            err = None
+            if s["ci95"]:
+                err = [[s["mean"] - s["ci95"][0]], [s["ci95"][1] - s["mean"]]]
+            ax.bar(i, s["mean"], color=colors[arm], alpha=0.75, yerr=err, capsize=4,
+                   hatch="//" if arm == report["baseline"] else None, edgecolor="black", linewidth=0.5)
+            vals = list(s["values"].values())
+            ax.scatter([i] * len(vals), vals, color="black", s=10, zorder=3)
+            xs.append(i)
+            labels.append(arm)
+        ax.set_xticks(xs, labels, rotation=20, fontsize=8)
+        arrow = {"lower": " (lower is better)", "higher": " (higher is better)"}.get(entry["direction"] or "", "")
+        ax.set_title(entry["name"] + arrow, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def _series(rows: list[dict], key: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    x_key = "epoch" if kind == "epoch" else "step"
+    for row in rows:
+        value = row.get(key)
+        if row.get("kind") == kind and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value) and isinstance(row.get(x_key), (int, float)):
+            xs.append(row[x_key] + (1 if kind == "epoch" else 0))
+            ys.append(float(value))
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def _over_seeds(runs: list[RunRecord], key: str, kind: str):
+    """Return grid, mean, min and max of a curve over an arm's seeds (each interpolated on the union grid)."""
+    series = [s for s in (_series(r.rows, key, kind) for r in runs) if s[0].size]
+    if not series:
+        return None
+    grid = np.unique(np.concatenate([xs for xs, _ in series]))
+    stack = np.full((len(series), grid.size), np.nan)
+    for i, (xs, ys) in enumerate(series):
+        order = np.argsort(xs, kind="stable")
+        xs, ys = xs[order], ys[order]
+        inside = (grid >= xs[0]) & (grid <= xs[-1])
+        stack[i, inside] = np.interp(grid[inside], xs, ys)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return grid, np.nanmean(stack, 0), np.nanmin(stack, 0), np.nanmax(stack, 0)
+
+
+def curve_keys(arms: dict[str, list[RunRecord]]) -> list[tuple[str, str]]:
+    """Return (kind, key) of every curve worth drawing: losses and accuracies per step, test numbers per epoch."""
+    out: list[tuple[str, str]] = []
+    for kind, skip in (("epoch", _EPOCH_SKIP), ("train", _TRAIN_SKIP)):
+        for runs in arms.values():
+            for r in runs:
+                for row in r.rows:
+                    if row.get("kind") != kind:
+                        continue
+                    for k, v in row.items():
+                        if k in skip or k == "kind" or (kind, k) in out:
+                            continue
+                        if isinstance(v, (int, float)) and not isinstance(v, bool):
+                            out.append((kind, k))
+    epoch = sorted(k for k in out if k[0] == "epoch")
+    train = sorted((k for k in out if k[0] == "train"), key=lambda k: (not k[1].startswith("loss_"), k[1]))
+    return (epoch + train)[:MAX_PANELS]
+
+
+def curves_figure(arms: dict[str, list[RunRecord]]) -> str | None:
+    """Learning curves, every arm overlaid: the mean over seeds and a min-max band."""
+    keys = curve_keys(arms)
+    if not keys:
+        return None
+    colors = _colors(list(arms))
+    fig, axes = _grid(len(keys), ncols=3, size=(4.6, 3.0))
+    for ax, (kind, key) in zip(axes, keys):
+        for arm, runs in arms.items():
+            found = _over_seeds(runs, key, kind)
+            if found is None:
+                continue
+            grid, mean, lo, hi = found
+            ax.plot(grid, mean, color=colors[arm], label=f"{arm} (n={len(runs)})", lw=1.4)
+            if len(runs) > 1:
+                ax.fill_between(grid, lo, hi, color=colors[arm], alpha=0.2, lw=0)
+        ax.set_title(f"{key} ({'per epoch' if kind == 'epoch' else 'per logged step'})", fontsize=9)
+        ax.set_xlabel("epoch" if kind == "epoch" else "step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def gates_figure(arms: dict[str, list[RunRecord]]) -> str | None:
+    """Per arm, the share of seeds (and steps of each log interval) with each gate phase on."""
+    have = [(arm, runs) for arm, runs in arms.items()
+            if any(any(k in row for k in GATE_KEYS) for r in runs for row in r.rows)]
+    if not have:
+        return None
+    fig, axes = _grid(len(have), ncols=3, size=(4.6, 2.6))
+    styles = {"gate_warmup": ("tab:gray", "warm-up"), "gate_generator": ("tab:blue", "generator loss on"),
+              "gate_discriminator": ("tab:red", "discriminator trained")}
+    for ax, (arm, runs) in zip(axes, have):
+        for key in GATE_KEYS:
+            found = _over_seeds(runs, key, "train")
+            if found is None:
+                continue
+            grid, mean, _, _ = found
+            color, label = styles[key]
+            ax.step(grid, mean, where="post", color=color, label=label, lw=1.3)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{arm}: gate phases (mean over {len(runs)} seeds)", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def sample_table(arms: dict[str, list[RunRecord]]) -> list[dict[str, Any]]:
+    """Rows (one per seed) of each arm's last sample grid, inlined."""
+    seeds = sorted({r.seed for runs in arms.values() for r in runs})
+    rows = []
+    for seed in seeds:
+        cells = []
+        for arm, runs in arms.items():
+            rec = next((r for r in runs if r.seed == seed), None)
+            path = rec.last_sample() if rec else None
+            cells.append({"arm": arm, "uri": data_uri(path.read_bytes()) if path else None,
+                          "caption": f"{arm}, seed {seed}: {path.name}" if path else f"{arm}, seed {seed}: no samples"})
+        rows.append({"seed": seed, "cells": cells})
+    return rows
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{{ r.title }}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1250px; color: #222; background: #fff; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; vertical-align: top; }
+th:first-child, td:first-child { text-align: left; }
+.better { color: #0a7a12; font-weight: bold; } .worse { color: #c01010; font-weight: bold; }
+.undecided { color: #777; } .diff { font-size: 0.85em; display: block; }
+.confound, tr.allowed td { color: #c01010; font-weight: bold; }
+tr.refused td { color: #c01010; } tr.meant td { color: #1f4e96; } tr.other td { color: #666; }
+.note { background: #fff7d6; border-left: 5px solid #e0b000; padding: 0.6em 1em; margin: 0.8em 0; }
+.alarm { background: #ffe3e3; border-left: 5px solid #c01010; padding: 0.6em 1em; margin: 0.8em 0; }
+img.chart { max-width: 100%; } figure { display: inline-block; margin: 0.3em; text-align: center; }
+figcaption { font-size: 0.8em; color: #555; } code { font-size: 0.9em; }
+.samples td { text-align: center; } .samples img { width: 260px; image-rendering: pixelated; }
+</style></head>
+<body>
+<h1 id="title">{{ r.title }}</h1>
+{% if r.description %}<p>{{ r.description }}</p>{% endif %}
+<p>Baseline: <b>{{ r.baseline }}</b> &middot; arms: {{ arms|join(", ") }} &middot; seeds: {{ r.seeds|join(", ") }}
+&middot; budget: {{ r.budget or "-" }} &middot; made by capsgan {{ r.toolkit_version }} on {{ r.created }}</p>
+<div class="note" id="few-seeds-note"><b>Read the intervals before the means.</b> {{ few_seeds }}</div>
+{% for d in allowed %}<div class="alarm confound">Confound allowed by --allow-difference: the arms differ in
+<code>{{ d.key }}</code> ({% for a, v in d["values"].items() %}{{ a }}: {{ v }}{% if not loop.last %}; {% endif %}{% endfor %}).
+Every difference below may come from it.</div>{% endfor %}
+
+<h2 id="quality">Quality</h2>
+<p>Mean &plusmn; half-width of the 95% t-interval over seeds; below it, for each arm but the baseline, the mean paired
+difference to the baseline (seed k vs seed k) with its 95% t-interval and the verdict.</p>
+{{ table(r.metrics) }}
+
+<h2 id="bars">Metrics by arm</h2>
+{% if bars %}<img class="chart" alt="metric bars with 95% error bars" src="{{ bars }}">{% else %}<p>No metrics.</p>{% endif %}
+
+<h2 id="curves">Learning curves</h2>
+<p>Mean over seeds (line) and the band from the lowest to the highest seed.</p>
+{% if curves %}<img class="chart" alt="learning curves" src="{{ curves }}">{% else %}<p>No curves in metrics.jsonl.</p>{% endif %}
+
+<h2 id="gates">Gate timelines</h2>
+<p>Share of the seeds' logged steps in each phase of the training schedule (1: every step of every seed).</p>
+{% if gates %}<img class="chart" alt="gate timelines" src="{{ gates }}">{% else %}<p>No gate columns in metrics.jsonl.</p>{% endif %}
+
+<h2 id="samples">Samples and reconstructions</h2>
+<p>Each run's last sample grid (samples/epoch_*.png), a row per seed, a column per arm.</p>
+<table class="samples"><tr><th>seed</th>{% for a in arms %}<th>{{ a }}</th>{% endfor %}</tr>
+{% for row in samples %}<tr><td>{{ row.seed }}</td>{% for c in row.cells %}<td>
+{% if c.uri %}<figure><img alt="{{ c.caption }}" src="{{ c.uri }}"><figcaption>{{ c.caption }}</figcaption></figure>
+{% else %}<span class="undecided">{{ c.caption }}</span>{% endif %}</td>{% endfor %}</tr>{% endfor %}
+</table>
+
+<h2 id="fairness">Fairness</h2>
+<p>Every recipe key on which the arms differ: <span style="color:#1f4e96">meant to differ</span>,
+<span class="confound">allowed confound</span>, <span style="color:#666">incidental</span>.</p>
+<table><tr><th>key</th><th>status</th>{% for a in arms %}<th>{{ a }}</th>{% endfor %}</tr>
+{% for d in r.fairness.differences %}<tr class="{{ d.status }}"><td><code>{{ d.key }}</code></td><td>{{ d.status }}</td>
+{% for a in arms %}<td><code>{{ d["values"].get(a, "-") }}</code></td>{% endfor %}</tr>{% endfor %}
+</table>
+
+<h2 id="costs">Cost</h2>
+<p>Devices: {% for a in r.arms %}{{ a.label }}: {{ a.devices|join(", ") }}{% if not loop.last %}; {% endif %}{% endfor %}.</p>
+{{ table(r.costs, True) }}
+{% if cost_bars %}<img class="chart" alt="cost bars" src="{{ cost_bars }}">{% endif %}
+
+<h2 id="protocol">Protocol and statistics</h2>
+<pre>{{ protocol }}</pre>
+<ul>{% for k, v in r.statistics.items() %}<li><b>{{ k }}</b>: {{ v }}</li>{% endfor %}</ul>
+<h3>Runs</h3>
+<ul>{% for a in r.arms %}<li><b>{{ a.label }}</b>: {% for run in a.runs %}seed {{ run.seed }} <code>{{ run.run_dir }}</code>{% if not loop.last %}, {% endif %}{% endfor %}</li>{% endfor %}</ul>
+</body></html>
+"""
+
+_TABLE = """<table><tr><th>metric</th>{% for a in arms %}<th>{{ a }}{% if a == base %} (baseline){% endif %}</th>{% endfor %}</tr>
+{% for row in rows %}<tr><td><code>{{ row.name }}</code>{{ row.arrow }}{% if row.description %}<br><small>{{ row.description }}</small>{% endif %}</td>
+{% for c in row.cells %}<td>{{ c.value }}{% if c.diff %}<span class="diff {{ c.cls }}">{{ c.diff }} {{ c.verdict }}</span>{% endif %}</td>{% endfor %}</tr>
+{% endfor %}</table>"""
+
+
+def render_html(report: dict[str, Any], arms: dict[str, list[RunRecord]]) -> str:
+    """Return the whole page as one string."""
+    import json
+
+    from jinja2 import Environment
+    from markupsafe import Markup
+
+    from capsgan_toolkit.compare.report import FEW_SEEDS_NOTE
+
+    env = Environment(autoescape=True)
+    labels = arm_labels(report)
+    table_template = env.from_string(_TABLE)
+
+    def table(entries, ratio=False):
+        rows = []
+        for entry in entries:
+            cells = []
+            for arm in labels:
+                diff, verdict = diff_cell(entry, arm, ratio=ratio)
+                cls = {"better": "better", "worse": "worse"}.get(verdict, "undecided")
+                cells.append({"value": cell(entry, arm), "diff": diff, "verdict": verdict, "cls": cls})
+            arrow = {"lower": " ↓", "higher": " ↑"}.get(entry["direction"] or "", "")
+            rows.append({"name": entry["name"], "arrow": arrow, "description": entry.get("description"), "cells": cells})
+        return Markup(table_template.render(rows=rows, arms=labels, base=report["baseline"]))
+
+    cost_entries = [e for e in report["costs"] if not e["name"].startswith(("parameters.", "flops_per_image."))
+                    or e["name"].endswith(".total")]
+    page = env.from_string(_TEMPLATE).render(
+        r=report, arms=labels, table=table, few_seeds=FEW_SEEDS_NOTE,
+        allowed=[d for d in report["fairness"]["differences"] if d["status"] == "allowed"],
+        bars=bars_figure(report), cost_bars=bars_figure({**report, "costs": cost_entries}, "costs"),
+        curves=curves_figure(arms), gates=gates_figure(arms), samples=sample_table(arms),
+        protocol=json.dumps(report["eval_protocol"], indent=2))
+    return page
+
+
+def write_html(report: dict[str, Any], arms: dict[str, list[RunRecord]], path: Path) -> Path:
+    path.write_text(render_html(report, arms), encoding="utf-8")
+    return path
+
+
+__all__ = ["render_html", "write_html", "fmt"]

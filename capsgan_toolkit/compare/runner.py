@@ -1,0 +1,316 @@
+"""The grid of a comparison: every arm x seed trained, resumed or reused, evaluated, reported.
+
+Runs live in ``OUT/runs/<arm>/seed-<k>/``. A re-run of the same command:
+
+- reuses a finished run (``RunDir.is_finished()``) whose recipe still matches the spec
+  (a changed recipe is refused, naming the keys: delete the run or choose another --out);
+- resumes an unfinished one exactly (``api.train(..., resume=True)``);
+- evaluates a run only when its eval.json is missing, was computed from another
+  checkpoint, or with another protocol than the spec's ``[eval]``.
+
+Every run trains and evaluates in its own worker process
+(``python -m capsgan_toolkit.compare.worker``): a run's peak memory (the process's max RSS on
+a CPU) is then its own, not the maximum over the runs before it, and no global state (threads,
+random generators, caches) leaks from one run to the next. ``--jobs N`` runs N workers at once,
+``--devices`` pins them to devices in turn;
+``--shard K/N`` runs the K-th of N deterministic slices of the sorted grid and writes no
+report (a plain re-run afterwards merges every finished run into one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capsgan_toolkit.compare.collect import PROTOCOL_IGNORED, fairness_recipe, protocol_differences, read_run
+from capsgan_toolkit.compare.fairness import Fairness, compare_recipes, flatten
+from capsgan_toolkit.compare.spec import ArmSpec, CompareError, LoadedSpec
+from capsgan_toolkit.rundir import RunDir
+
+STALE_IGNORED = ("eval.", "run.device", "run.threads")
+"""Keys a finished run may differ in from the spec and still be reused (evaluation, placement)."""
+
+
+@dataclass
+class Job:
+    """One run of the grid."""
+
+    arm: str
+    seed: int
+    recipe: Path
+    sets: list[str]
+    path: Path
+    desired: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}/seed-{self.seed}"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """Parse ``K/N`` (1 <= K <= N)."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise CompareError(f"--shard {text}: expected K/N, for example 1/4 (K from 1 to N).") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise CompareError(f"--shard {text}: K must be between 1 and N (got K={k}, N={n}).")
+    return k, n
+
+
+def plan(loaded: LoadedSpec, out: Path, arms: list[ArmSpec]) -> list[Job]:
+    """Return the grid, sorted by arm label then seed (the order shards slice)."""
+    jobs = [Job(arm.label, seed, loaded.recipe_path(arm), loaded.overrides(arm, seed),
+                out / "runs" / arm.label / f"seed-{seed}")
+            for arm in arms for seed in loaded.spec.seeds]
+    return sorted(jobs, key=lambda j: (j.arm, j.seed))
+
+
+def shard(jobs: list[Job], part: tuple[int, int] | None) -> list[Job]:
+    """Return the K-th of N slices of the sorted grid (job i goes to slice i mod N)."""
+    if part is None:
+        return jobs
+    k, n = part
+    return [job for i, job in enumerate(jobs) if i % n == k - 1]
+
+
+def device_setup(device: str | None, jobs: int) -> tuple[list[str], dict[str, str]]:
+    """Return the overrides and environment that put one run on ``device``."""
+    env: dict[str, str] = {}
+    if device is None:
+        sets = []
+    elif device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        sets = ['run.device="cuda"']
+    elif device in ("cpu", "cuda", "mps", "auto"):
+        sets = [f'run.device="{device}"']
+    else:
+        raise CompareError(f"--devices: unknown device {device!r}; use cpu, cuda, cuda:K or mps.")
+    if device in (None, "cpu", "auto") and jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))  # share the cores, do not oversubscribe them
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return sets, env
+
+
+def stale_keys(trained: dict[str, Any], desired: dict[str, Any]) -> list[str]:
+    """Return ``key: trained -> spec`` for each key where a trained run's recipe differs from the spec's."""
+    old, new = flatten(trained), flatten(desired)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in STALE_IGNORED):
+            continue
+        if old.get(key, "(absent)") != new.get(key, "(absent)"):
+            out.append(f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
+    return out
+
+
+def _eval_table(table: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not isinstance(table, dict):
+        return None
+    return {k: v for k, v in table.items() if k not in PROTOCOL_IGNORED}
+
+
+def needs_evaluation(rd: RunDir, desired: dict[str, Any]) -> str | None:
+    """Return why a finished run must be evaluated again, or ``None`` when its eval.json is current."""
+    result = rd.read_eval()
+    if result is None:
+        return "not evaluated yet"
+    if _eval_table(result.get("eval")) != _eval_table(desired.get("eval")):
+        return "the evaluation protocol changed"
+    summary = rd.read_summary() or {}
+    if "step" in result and "steps" in summary and result["step"] != summary["steps"]:
+        return "eval.json is from another checkpoint"
+    return None
+
+
+class Runner:
+    """Train, evaluate and report one comparison spec.
+
+    Args:
+        loaded: the validated spec.
+        out: the comparison folder.
+        arms: the arms to run (``LoadedSpec.spec.selected``).
+        allow: keys allowed to differ (the spec's plus ``--allow-difference``).
+        jobs: worker processes at once.
+        devices: devices handed to the runs in turn (``cpu``, ``cuda:0``, ...).
+        part: ``(K, N)`` to run only the K-th shard of the grid.
+        console: a rich console for progress and the report (``None``: quiet).
+        in_process: train and evaluate in this process, one run after the other (for tests
+            and debugging; peak memory then accumulates over the runs).
+    """
+
+    def __init__(self, loaded: LoadedSpec, out: Path, *, arms: list[ArmSpec], allow: list[str], jobs: int = 1,
+                 devices: list[str] | None = None, part: tuple[int, int] | None = None, console=None,
+                 in_process: bool = False):
+        self.in_process = in_process
+        self.loaded, self.out, self.arms = loaded, Path(out), arms
+        self.allow = list(dict.fromkeys([*loaded.spec.allow_difference, *allow]))
+        self.jobs, self.devices, self.part, self.console = max(1, jobs), list(devices or []), part, console
+        self.grid = plan(loaded, self.out, arms)
+        self.mine = shard(self.grid, part)
+
+    # ------------------------------------------------------------------ before training
+
+    def resolve(self) -> Fairness:
+        """Resolve every run's recipe and refuse unfair arms before any training."""
+        from capsgan_toolkit import api
+
+        for job in self.grid:
+            _, resolved = api.load_recipe(job.recipe, job.sets)
+            job.desired = resolved.to_dict()
+        by_arm: dict[str, list[dict]] = {}
+        for job in self.grid:
+            by_arm.setdefault(job.arm, []).append(job.desired)
+        fairness = compare_recipes(by_arm, self.allow)
+        fairness.check()
+        stale = []
+        for job in self.mine:
+            rd = RunDir(job.path)
+            if rd.is_run():
+                changed = stale_keys(rd.read_recipe(), job.desired)
+                if changed:
+                    stale.append(f"  {job.path}:\n    " + "\n    ".join(changed))
+        if stale:
+            raise CompareError("These runs were trained with another recipe than the spec now gives (keys: "
+                               "trained -> spec):\n" + "\n".join(stale)
+                               + "\nDelete those run folders to train them again, or use another --out.")
+        return fairness
+
+    # ------------------------------------------------------------------ the grid
+
+    def todo(self) -> list[tuple[Job, str, str | None]]:
+        """Return (job, training state, why it needs evaluation) for the jobs with work left."""
+        out = []
+        for job in self.mine:
+            rd = RunDir(job.path)
+            state = "finished" if rd.is_finished() else ("unfinished" if rd.is_run() else "new")
+            why = "not trained yet" if state != "finished" else needs_evaluation(rd, job.desired)
+            if state != "finished" or why:
+                out.append((job, state, why))
+        return out
+
+    def run(self) -> dict[str, Any] | None:
+        """Do what is left of the grid; write and return the report (``None`` for a shard)."""
+        self.resolve()
+        todo = self.todo()
+        self._say(f"{self.loaded.title}: {len(self.grid)} runs ({len(self.arms)} arms x {len(self.loaded.spec.seeds)} "
+                  f"seeds){f', shard {self.part[0]}/{self.part[1]}: {len(self.mine)} of them' if self.part else ''}; "
+                  f"{len(self.mine) - len(todo)} done, {len(todo)} to do -> {self.out}")
+        if todo:
+            (self.out / "runs").mkdir(parents=True, exist_ok=True)
+            if self.in_process:
+                self._run_here(todo)
+            else:
+                self._run_workers(todo)
+        if self.part is not None:
+            self._say(f"shard {self.part[0]}/{self.part[1]} done. When every shard is done, run the same command "
+                      "without --shard to write the report.")
+            return None
+        return self.write_report()
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(TextColumn("[bold]compare[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=self.console, disable=self.console is None,
+                        transient=False)
+
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False)
+
+    def _eval_sets(self) -> list[str]:
+        return self.loaded.spec.eval.overrides()
+
+    def _run_here(self, todo) -> None:
+        from capsgan_toolkit import api
+
+        sets, env = device_setup(self.devices[0] if self.devices else None, 1)
+        if env.get("CUDA_VISIBLE_DEVICES") not in (None, "0"):
+            raise CompareError("Training in this process can use cuda:0 only; drop --in-process to use other devices.")
+        with self._progress() as progress:
+            task = progress.add_task("", total=len(todo))
+            for job, state, why in todo:
+                if state != "finished":
+                    progress.update(task, description=f"{job.name}: {'resuming' if state == 'unfinished' else 'training'}")
+                    api.train(job.recipe, out=job.path, sets=[*job.sets, *sets], resume=state == "unfinished")
+                    why = needs_evaluation(RunDir(job.path), job.desired)
+                if why:
+                    progress.update(task, description=f"{job.name}: evaluating ({why})")
+                    api.evaluate(job.path, sets=self._eval_sets())
+                progress.advance(task)
+                progress.console.print(f"  {job.name} done", highlight=False)
+
+    def _worker(self, job: Job, state: str, why: str | None, device: str | None) -> tuple[Job, int, Path]:
+        sets, env = device_setup(device, self.jobs)
+        log = self.out / "logs" / f"{job.arm}-seed-{job.seed}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        steps = []
+        if state != "finished":
+            steps.append({"action": "train", "recipe": str(job.recipe), "out": str(job.path),
+                          "sets": [*job.sets, *sets], "resume": state == "unfinished"})
+        steps.append({"action": "evaluate", "run_dir": str(job.path), "sets": self._eval_sets(),
+                      "desired": job.desired})
+        with open(log, "a", encoding="utf-8") as fh:
+            proc = subprocess.run([sys.executable, "-m", "capsgan_toolkit.compare.worker", json.dumps(steps)],
+                                  stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        return job, proc.returncode, log
+
+    def _run_workers(self, todo) -> None:
+        slots = self.devices or [None]
+        failures = []
+        with self._progress() as progress, ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            task = progress.add_task(f"{self.jobs} at once", total=len(todo))
+            futures = [pool.submit(self._worker, job, state, why, slots[i % len(slots)])
+                       for i, (job, state, why) in enumerate(todo)]
+            for future in as_completed(futures):
+                job, code, log = future.result()
+                progress.advance(task)
+                if code == 0:
+                    progress.console.print(f"  {job.name} done", highlight=False)
+                else:
+                    failures.append((job, code, log))
+                    progress.console.print(f"  [red]{job.name} failed[/] (exit {code}); see {log}", highlight=False)
+        if failures:
+            tails = []
+            for job, code, log in failures:
+                lines = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+                tails.append(f"  {job.name} (exit {code}, log {log}):\n    " + "\n    ".join(lines))
+            raise CompareError(f"{len(failures)} run(s) failed:\n" + "\n".join(tails)
+                               + "\nFix the cause and run the same command again: finished runs are kept.")
+
+    # ------------------------------------------------------------------ the report
+
+    def write_report(self) -> dict[str, Any]:
+        from capsgan_toolkit.compare.command import write_outputs
+
+        missing = [job for job in self.grid if not RunDir(job.path).is_finished()
+                   or needs_evaluation(RunDir(job.path), job.desired)]
+        if missing:
+            raise CompareError("Not every run is finished and evaluated: " + ", ".join(j.name for j in missing)
+                               + ". Run the same command again (without --shard) to finish them.")
+        arms: dict[str, list] = {}
+        for job in self.grid:
+            arms.setdefault(job.arm, []).append(read_run(job.path, arm=job.arm))
+        baseline = self.loaded.spec.baseline
+        arms = {baseline: arms.pop(baseline), **arms}
+        problems = protocol_differences([r for runs in arms.values() for r in runs])
+        if problems:
+            raise CompareError("The runs were evaluated with different protocols:\n  " + "\n  ".join(problems))
+        fairness = compare_recipes({a: [fairness_recipe(r) for r in runs] for a, runs in arms.items()}, self.allow)
+        fairness.check()
+        spec = self.loaded.spec
+        info = {arm.label: {"recipe": str(self.loaded.recipe_path(arm)), "set": arm.set,
+                            "description": arm.description, "optional": arm.optional} for arm in self.arms}
+        return write_outputs(arms, self.out, baseline=baseline, fairness=fairness, title=self.loaded.title,
+                             description=spec.description, budget=spec.budget.describe(),
+                             source=str(self.loaded.path), arm_info=info, console=self.console)

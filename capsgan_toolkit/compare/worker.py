@@ -1,0 +1,40 @@
+"""A worker process of ``capsgan compare --jobs/--devices``: train and evaluate one run.
+
+Run as ``python -m capsgan_toolkit.compare.worker STEPS_JSON``; each step is
+``{"action": "train", "recipe", "out", "sets", "resume"}`` or
+``{"action": "evaluate", "run_dir", "sets", "desired"}`` (evaluated only when the run's
+eval.json is missing or not from the desired protocol). Exit codes are the toolkit's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from capsgan_toolkit import api
+    from capsgan_toolkit.compare.runner import needs_evaluation
+    from capsgan_toolkit.errors import CapsganError
+    from capsgan_toolkit.rundir import RunDir
+
+    try:
+        for step in json.loads(argv[0]):
+            if step["action"] == "train":
+                print(f"training {step['out']} (resume={step['resume']})", flush=True)
+                api.train(step["recipe"], out=step["out"], sets=step["sets"], resume=step["resume"])
+            elif step["action"] == "evaluate":
+                why = needs_evaluation(RunDir(step["run_dir"]), step["desired"])
+                if why:
+                    print(f"evaluating {step['run_dir']} ({why})", flush=True)
+                    api.evaluate(step["run_dir"], sets=step["sets"])
+            else:
+                raise ValueError(f"unknown worker action {step['action']!r}")
+    except CapsganError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
