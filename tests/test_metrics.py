@@ -21,6 +21,7 @@ from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.interfaces import FeatureSetup
 from capsgan_toolkit.metrics import fidelity_scores, psnr, recon_mse01, ssim, to_fidelity_images
 from capsgan_toolkit.prior import ClassGaussianPrior, encode_for_prior
+from helpers import offline, random_inception_weights
 
 CPU = torch.device("cpu")
 _PROJECTION = torch.Generator().manual_seed(123)
@@ -246,25 +247,6 @@ def test_domain_classifier_separates_real_glyphs_from_noise_and_is_reproducible(
     assert trained(0, "c") == first and trained(1, "b") != first
 
 
-def random_inception_weights(path: Path, seed: int = 0) -> Path:
-    """Write a randomly initialised torch-fidelity Inception-v3 weights file (for plumbing tests only).
-
-    Conv weights are He-normal so activations keep their scale through the 94 layers;
-    the scores it gives mean nothing beyond "the pipeline runs".
-    """
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    torch.manual_seed(seed)
-    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
-            mock.patch.object(fe.torch, "load", return_value={}):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def test_inception_scores_plumbing_with_random_weights(registry, tmp_path):
     """Plumbing only: random Inception weights; the same set scores ~0, a shifted set clearly more.
 
@@ -293,12 +275,6 @@ def test_inception_scores_plumbing_with_random_weights(registry, tmp_path):
         registry.create("metric_features", "inception", {"weights": str(bad)}, info=info).check()
     with pytest.raises(CapsganError, match="does not exist.*--inception-weights"):
         registry.create("metric_features", "inception", {"weights": str(tmp_path / "missing.pth")}, info=info).check()
-
-
-def offline(monkeypatch, tmp_path):
-    """No Inception weights in torch.hub's cache, and a download URL that refuses at once."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.setattr(mf, "INCEPTION_URL", "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth")
 
 
 def test_offline_without_weights_fails_before_training(monkeypatch, tmp_path, plugins, tiny_recipe):
