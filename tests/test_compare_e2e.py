@@ -1,0 +1,96 @@
+"""`capsgan compare` end to end: two tiny arms x 2 seeds trained, evaluated and reported through the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from capsgan_toolkit.compare.command import compare_command
+from capsgan_toolkit.rundir import RunDir
+from conftest import TINY_RECIPE, write_toml
+
+SPEC = """
+title = "tiny end-to-end"
+baseline = "dcgan"
+seeds = 2
+[budget]
+epochs = 2
+[eval]
+metrics = ["acc", "rec", "gen_fid", "gen_condacc"]
+num_images = 32
+features = { domain = { plugin = "domain_classifier", epochs = 1, channels = 8, feature_dim = 16 } }
+[[arms]]
+label = "dcgan"
+recipe = "tiny_dcgan.toml"
+[[arms]]
+label = "cnn"
+recipe = "tiny.toml"
+"""
+
+
+def _tiny_dcgan() -> dict:
+    recipe = copy.deepcopy(TINY_RECIPE)
+    del recipe["encoder"]
+    recipe["objective"] = {"plugin": "dcgan", "latent_rows": 10, "latent_dim": 4, "conditional": True}
+    recipe["losses"] = {"adversarial": {"plugin": "nonsaturating"}}
+    recipe["optim"] = {"generator": {"lr": 1e-3}, "discriminator": {"lr": 1e-3}}
+    recipe["gate"] = {"plugin": "always"}
+    return recipe
+
+
+@pytest.mark.slow
+def test_compare_trains_reports_reuses_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSGAN_CACHE", str(tmp_path / "cache"))  # the domain classifier is trained once, here
+    write_toml(tmp_path / "tiny.toml", TINY_RECIPE)
+    write_toml(tmp_path / "tiny_dcgan.toml", _tiny_dcgan())
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC, encoding="utf-8")
+    out = tmp_path / "cmp"
+    args = [str(spec), "--out", str(out), "--jobs", "2", "--devices", "cpu"]
+
+    result = CliRunner().invoke(compare_command, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output + "".join(p.read_text() for p in (out / "logs").glob("*.log"))
+    assert "4 to do" in result.output
+    for name in ("compare.json", "compare.md", "compare.html"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "compare.json").read_text())
+    assert [a["label"] for a in report["arms"]] == ["dcgan", "cnn"] and report["seeds"] == [0, 1]
+    names = {m["name"] for m in report["metrics"]}
+    assert {"gen_fid32_test_domain", "gen_condacc32_domain", "acc32_test"} <= names
+    fid = next(m for m in report["metrics"] if m["name"] == "gen_fid32_test_domain")
+    assert set(fid["arms"]) == {"dcgan", "cnn"} and fid["vs_baseline"]["cnn"]["n"] == 2
+    acc = next(m for m in report["metrics"] if m["name"] == "acc32_test")
+    assert set(acc["arms"]) == {"cnn"}  # the DCGAN has no encoder
+    costs = {c["name"] for c in report["costs"]}
+    assert {"parameters.generator", "flops_per_image.generator", "images_per_s", "peak_memory_bytes"} <= costs
+    assert all(d["status"] in ("meant", "other") for d in report["fairness"]["differences"])
+    runs = {(arm, seed): RunDir(out / "runs" / arm / f"seed-{seed}") for arm in ("dcgan", "cnn") for seed in (0, 1)}
+    assert all(rd.is_finished() and rd.read_eval() for rd in runs.values())
+    assert runs["cnn", 1].read_recipe()["run"]["seed"] == 1
+
+    # A re-run trains and evaluates nothing.
+    stamps = {key: (rd.checkpoints_dir / "final.pt").stat().st_mtime_ns for key, rd in runs.items()}
+    evals = {key: rd.eval_file.stat().st_mtime_ns for key, rd in runs.items()}
+    result = CliRunner().invoke(compare_command, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "4 done, 0 to do" in result.output
+    assert stamps == {key: (rd.checkpoints_dir / "final.pt").stat().st_mtime_ns for key, rd in runs.items()}
+    assert evals == {key: rd.eval_file.stat().st_mtime_ns for key, rd in runs.items()}
+
+    # Killed after its first epoch: the re-run resumes it from the epoch-1 checkpoint, to the same numbers.
+    rd = runs["cnn", 1]
+    before = rd.read_eval()["metrics"]
+    for name in ("final.pt",):
+        (rd.checkpoints_dir / name).unlink()
+    for path in rd.checkpoints_dir.glob("step_*.pt"):
+        if path.name != "step_000000003.pt":
+            path.unlink()
+    rd.summary_file.unlink()
+    rd.eval_file.unlink()
+    result = CliRunner().invoke(compare_command, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "3 done, 1 to do" in result.output
+    assert rd.read_eval()["metrics"] == pytest.approx(before, rel=1e-6, abs=1e-9)
