@@ -136,10 +136,9 @@ class Discriminator(nn.Module):
 
 
 class Loss(nn.Module):
-    """Base of all losses; ``role`` says which recipe slot a loss may fill."""
+    """Base of the three loss families (classification, reconstruction, adversarial)."""
 
     Params: ClassVar[type[Params]] = Params
-    role: ClassVar[str] = ""
 
     def __init__(self, params: Params):
         super().__init__()
@@ -149,8 +148,6 @@ class Loss(nn.Module):
 class ClassificationLoss(Loss):
     """``forward(capsules (B, K, D), labels (B,)) -> scalar``."""
 
-    role = "classification"
-
     def forward(self, capsules: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -158,16 +155,12 @@ class ClassificationLoss(Loss):
 class ReconstructionLoss(Loss):
     """``forward(reconstruction, target) -> scalar`` over images ``(B, C, H, W)``."""
 
-    role = "reconstruction"
-
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
 class AdversarialLoss(Loss):
     """Two scalars from discriminator logits: one for the generator, one for the discriminator."""
-
-    role = "adversarial"
 
     def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -323,15 +316,3 @@ class FeatureExtractor:
         trained network may be kept; ``log`` receives progress lines for people.
         """
         raise NotImplementedError
-
-
-FAMILIES: dict[str, type] = {
-    "encoder": Encoder,
-    "generator": Generator,
-    "discriminator": Discriminator,
-    "loss": Loss,
-    "gate": Gate,
-    "dataset": DatasetPlugin,
-    "metric_features": FeatureExtractor,
-}
-"""The component families and the base class each component must subclass."""

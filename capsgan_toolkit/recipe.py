@@ -22,10 +22,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capsgan_toolkit.catalogue import EVAL_METRICS, EvalSection  # noqa: F401  (both importable from here too)
 from capsgan_toolkit.errors import RecipeError, RegistryError
+from capsgan_toolkit.optim import DivergenceSpec, OptimizerSpec
 from capsgan_toolkit.registry import Registry, suggest
 
 
@@ -56,6 +57,14 @@ class RunSection(_Strict):
     running_momentum: float = Field(
         0.9, ge=0.0, lt=1.0, description="Momentum of the running encoder and discriminator accuracies."
     )
+    max_steps: int = Field(0, ge=0, description="Stop after this many steps in all (a compute budget); 0: no limit.")
+    max_minutes: float = Field(
+        0.0, ge=0.0, description="Stop after this many minutes of training (a wall-clock budget); 0: no limit."
+    )
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Seeded share of the training split held out to choose best.pt (never the test split); 0: no best.pt.",
+    )
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 leaves torch's default.")
     on_nan: Literal["stop", "skip"] = Field(
         "stop", description="On a NaN/Inf loss or gradient: stop with an error, or skip the step and count it."
@@ -63,10 +72,13 @@ class RunSection(_Strict):
     plugins: list[str] = Field(
         default_factory=list, description="Extra plugin modules to import by name (besides installed entry points)."
     )
+    divergence: DivergenceSpec = Field(
+        default_factory=DivergenceSpec, description="Watch for a loss spike or accuracy collapse (docs/training-stability.md)."
+    )
 
 
 class LossesSection(_Strict):
-    classification: ComponentSpec = Field(description="Loss on the class capsules.")
+    classification: ComponentSpec | None = Field(None, description="Loss on the class capsules.")
     reconstruction: ComponentSpec | None = Field(None, description="Loss between reconstruction and input.")
     adversarial: ComponentSpec | None = Field(
         None, description="Adversarial loss; omit it for an L2-only generator (no discriminator is trained)."
@@ -75,22 +87,9 @@ class LossesSection(_Strict):
     reconstruction_weight: float = Field(1.0, ge=0.0, description="Weight of the reconstruction term inside the generator loss.")
     adversarial_weight: float = Field(1.0, ge=0.0, description="Weight of the adversarial term inside the generator loss.")
 
-    @model_validator(mode="after")
-    def _some_generator_loss(self):
-        if self.reconstruction is None and self.adversarial is None:
-            raise ValueError("give at least one of losses.reconstruction and losses.adversarial")
-        return self
-
-
-class AdamSection(_Strict):
-    lr: float = Field(1e-4, gt=0.0, description="Learning rate.")
-    betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas.")
-    weight_decay: float = Field(0.0, ge=0.0, description="L2 weight decay.")
-
-
-class OptimSection(_Strict):
-    encoder_generator: AdamSection = Field(default_factory=lambda: AdamSection(lr=1e-4))
-    discriminator: AdamSection = Field(default_factory=lambda: AdamSection(lr=1e-5))
+    def weights(self) -> dict[str, float]:
+        return {"generator_weight": self.generator_weight, "reconstruction_weight": self.reconstruction_weight,
+                "adversarial_weight": self.adversarial_weight}
 
 
 class CheckpointSection(_Strict):
@@ -104,36 +103,49 @@ class OutputSection(_Strict):
     sample_images: int = Field(16, ge=1, le=256, description="Real/reconstruction pairs in a sample grid.")
 
 
+SLOTS: tuple[tuple[str, str], ...] = (
+    ("data", "dataset"),
+    ("objective", "objective"),
+    ("encoder", "encoder"),
+    ("generator", "generator"),
+    ("discriminator", "discriminator"),
+    ("losses.classification", "classification_loss"),
+    ("losses.reconstruction", "reconstruction_loss"),
+    ("losses.adversarial", "adversarial_loss"),
+    ("gate", "gate"),
+)
+"""The one slot table: recipe table -> component family (plus ``eval.features.<label>`` ->
+``metric_features``). Validation, building and evaluation all read it."""
+
+
 class Recipe(_Strict):
     """A whole, validated recipe."""
 
     run: RunSection = Field(default_factory=RunSection)
     data: ComponentSpec
-    encoder: ComponentSpec
-    generator: ComponentSpec
+    objective: ComponentSpec = Field(default_factory=lambda: ComponentSpec(plugin="reconstruction_gan"))
+    encoder: ComponentSpec | None = None
+    generator: ComponentSpec | None = None
     discriminator: ComponentSpec | None = None
-    losses: LossesSection
-    optim: OptimSection = Field(default_factory=OptimSection)
+    losses: LossesSection = Field(default_factory=LossesSection)
+    optim: dict[str, OptimizerSpec] = Field(
+        default_factory=dict, description="Optimizer settings by the objective's optimizer names."
+    )
     gate: ComponentSpec = Field(default_factory=lambda: ComponentSpec(plugin="always"))
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     output: OutputSection = Field(default_factory=OutputSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
+    def spec(self, key: str) -> ComponentSpec | None:
+        """Return the component table at a dotted slot key (``losses.adversarial``), or ``None``."""
+        node: Any = self
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+        return node
+
     def component_slots(self) -> list[tuple[str, str, ComponentSpec]]:
         """Return ``(dotted key, family, spec)`` for every component table present."""
-        slots = [
-            ("data", "dataset", self.data),
-            ("encoder", "encoder", self.encoder),
-            ("generator", "generator", self.generator),
-            ("gate", "gate", self.gate),
-            ("losses.classification", "loss", self.losses.classification),
-        ]
-        if self.discriminator is not None:
-            slots.append(("discriminator", "discriminator", self.discriminator))
-        if self.losses.reconstruction is not None:
-            slots.append(("losses.reconstruction", "loss", self.losses.reconstruction))
-        if self.losses.adversarial is not None:
-            slots.append(("losses.adversarial", "loss", self.losses.adversarial))
+        slots = [(key, family, spec) for key, family in SLOTS if (spec := self.spec(key)) is not None]
         for label, spec in self.eval.features.items():
             slots.append((f"eval.features.{label}", "metric_features", spec))
         return slots
@@ -142,14 +154,17 @@ class Recipe(_Strict):
 class ResolvedRecipe:
     """A recipe whose component params are validated instances of each component's model."""
 
-    def __init__(self, recipe: Recipe, params: dict[str, BaseModel], source: str):
+    def __init__(self, recipe: Recipe, params: dict[str, BaseModel], source: str,
+                 optim: dict[str, BaseModel] | None = None):
         self.recipe = recipe
         self.params = params
         self.source = source
+        self.optim = optim if optim is not None else dict(recipe.optim)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the recipe with every default filled in (plain TOML-able values)."""
         data = self.recipe.model_dump(mode="json", exclude_none=True)
+        data["optim"] = {name: spec.model_dump(mode="json") for name, spec in self.optim.items()}
         for key, model in self.params.items():
             table = _dig(data, key)
             plugin = table["plugin"]
@@ -278,28 +293,58 @@ def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrid
             comp = registry.get(family, spec.plugin)
         except RegistryError as exc:
             names = registry.list(family)
-            if key.startswith("losses."):
-                role = key.split(".", 1)[1]
-                names = [c.name for c in registry.components("loss") if c.role == role]
-            errors.append(
-                (f"{key}.plugin", f'unknown {family} "{spec.plugin}".{suggest(spec.plugin, names)} '
-                 f"Allowed: {', '.join(names) or '(none registered)'}", _MISSING)
-            )
+            detail = str(exc) if "clash" in str(exc).lower() or ":" in spec.plugin else (
+                f'unknown {family} "{spec.plugin}".{suggest(spec.plugin, names)} '
+                f"Allowed: {', '.join(names) or '(none registered)'}")
+            errors.append((f"{key}.plugin", detail, _MISSING))
             continue
-        if key.startswith("losses."):
-            role = key.split(".", 1)[1]
-            if comp.role != role:
-                allowed = [c.name for c in registry.components("loss") if c.role == role]
-                errors.append((f"{key}.plugin", f'"{spec.plugin}" is a {comp.role} loss, not a {role} loss. '
-                               f"Allowed: {', '.join(allowed)}", _MISSING))
-                continue
         try:
             params[key] = comp.params_model.model_validate(spec.params)
         except ValidationError as exc:
             errors.extend(_pydantic_errors(exc, key))
+    optim: dict[str, BaseModel] = {}
+    if "objective.plugin" not in {e[0] for e in errors}:
+        objective = registry.get("objective", recipe.objective.plugin).cls
+        errors.extend(_objective_errors(recipe, objective))
+        optim = _resolve_optim(recipe, objective, data.get("optim") or {}, errors)
     if errors:
         raise RecipeError(_format_errors(errors, source, overrides))
-    return ResolvedRecipe(recipe, params, source)
+    return ResolvedRecipe(recipe, params, source, optim)
+
+
+def _objective_errors(recipe: Recipe, objective) -> list[tuple[str, str, Any]]:
+    """Check that the recipe has the tables the objective needs and none it would ignore."""
+    name, errors = recipe.objective.plugin, []
+    for key, _family in SLOTS:
+        if key in ("data", "objective", "gate"):
+            continue
+        present = recipe.spec(key) is not None
+        if key not in objective.parts and present:
+            errors.append((key, f'the "{name}" objective uses no [{key}]; remove it (or choose another objective)',
+                           _MISSING))
+        elif objective.parts.get(key) and not present:
+            errors.append((key, f'the "{name}" objective needs a [{key}] table', _MISSING))
+    check = getattr(objective, "check_recipe", None)
+    if check is not None:
+        errors.extend((key, msg, _MISSING) for key, msg in check(recipe))
+    return errors
+
+
+def _resolve_optim(recipe: Recipe, objective, raw: dict, errors: list) -> dict[str, BaseModel]:
+    """Fill each of the objective's optimizers from its defaults and the recipe's ``[optim.<name>]``."""
+    out = {}
+    for name in recipe.optim:
+        if name not in objective.optimizers:
+            errors.append((f"optim.{name}", f'the "{recipe.objective.plugin}" objective has no optimizer "{name}".'
+                           f"{suggest(name, list(objective.optimizers))} Its optimizers: "
+                           f"{', '.join(objective.optimizers)}", _MISSING))
+    for name, defaults in objective.optimizers.items():
+        given = raw.get(name) if isinstance(raw.get(name), dict) else {}
+        try:
+            out[name] = OptimizerSpec.model_validate({**defaults, **given})
+        except ValidationError as exc:
+            errors.extend(_pydantic_errors(exc, f"optim.{name}"))
+    return out
 
 
 def load_recipe(path: str | Path, registry: Registry, overrides: list[str] | None = None) -> ResolvedRecipe:

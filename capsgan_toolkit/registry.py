@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ValidationError
 
 from capsgan_toolkit.errors import NameClashError, RegistryError
-from capsgan_toolkit.interfaces import FAMILIES
+from capsgan_toolkit.families import FAMILIES
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -72,10 +72,6 @@ class Component:
         parts += [f"from {self.distribution}"] if self.distribution else []
         return f'plugin "{self.source}"' + (f" ({', '.join(parts)})" if parts else "")
 
-    @property
-    def role(self) -> str:
-        return getattr(self.cls, "role", "")
-
 
 def suggest(name: str, choices: list[str]) -> str:
     """Return ' Did you mean "x"?' for the closest choice, or ''."""
@@ -84,7 +80,7 @@ def suggest(name: str, choices: list[str]) -> str:
 
 
 class Registry:
-    """Named components in the families of :data:`capsgan_toolkit.interfaces.FAMILIES`."""
+    """Named components in the families of :data:`capsgan_toolkit.families.FAMILIES`."""
 
     def __init__(self) -> None:
         # family -> name -> every component registered under that name, in registration order

@@ -1,6 +1,7 @@
 """Built-in losses: classification on capsule lengths, image reconstruction, adversarial.
 
-Registered names (family ``loss``; the role says which recipe slot each fills):
+Registered names, one family per recipe slot (``classification_loss``, ``reconstruction_loss``,
+``adversarial_loss``):
 
 - classification: ``margin`` (the source report's eq. 1, from Sabour et al. 2017),
   ``cross_entropy`` (softmax over capsule lengths, for CNN-style baselines);
@@ -167,10 +168,10 @@ class HingeLoss(AdversarialLoss):
 @hookimpl
 def capsgan_register(registry):
     """Register the built-in losses."""
-    registry.register("loss", "margin", MarginLoss)
-    registry.register("loss", "cross_entropy", CrossEntropyLoss)
-    registry.register("loss", "mse", MSELoss)
-    registry.register("loss", "l1", L1Loss)
-    registry.register("loss", "minimax", MinimaxLoss)
-    registry.register("loss", "nonsaturating", NonSaturatingLoss)
-    registry.register("loss", "hinge", HingeLoss)
+    registry.register("classification_loss", "margin", MarginLoss)
+    registry.register("classification_loss", "cross_entropy", CrossEntropyLoss)
+    registry.register("reconstruction_loss", "mse", MSELoss)
+    registry.register("reconstruction_loss", "l1", L1Loss)
+    registry.register("adversarial_loss", "minimax", MinimaxLoss)
+    registry.register("adversarial_loss", "nonsaturating", NonSaturatingLoss)
+    registry.register("adversarial_loss", "hinge", HingeLoss)

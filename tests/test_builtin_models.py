@@ -369,13 +369,13 @@ def test_shape_errors_are_clear():
         ("encoder", "resnet"),
         ("generator", "dcgan"),
         ("discriminator", "dcgan"),
-        ("loss", "margin"),
-        ("loss", "cross_entropy"),
-        ("loss", "mse"),
-        ("loss", "l1"),
-        ("loss", "minimax"),
-        ("loss", "nonsaturating"),
-        ("loss", "hinge"),
+        ("classification_loss", "margin"),
+        ("classification_loss", "cross_entropy"),
+        ("reconstruction_loss", "mse"),
+        ("reconstruction_loss", "l1"),
+        ("adversarial_loss", "minimax"),
+        ("adversarial_loss", "nonsaturating"),
+        ("adversarial_loss", "hinge"),
         ("gate", "always"),
         ("gate", "epochs"),
         ("gate", "accuracy_band"),
@@ -392,8 +392,8 @@ def test_params_reject_unknown_keys(registry, family, name):
 
 
 def test_margin_loss_built_from_recipe_style_dict(registry):
-    loss = registry.create("loss", "margin", {"lambda": 0.5, "m_plus": 0.9, "m_minus": 0.1})
+    loss = registry.create("classification_loss", "margin", {"lambda": 0.5, "m_plus": 0.9, "m_minus": 0.1})
     assert isinstance(loss, MarginLoss)
-    assert loss.role == "classification"
-    assert registry.get("loss", "mse").role == "reconstruction"
-    assert registry.get("loss", "hinge").role == "adversarial"
+    # One family per recipe slot: a loss of one slot is not found in another.
+    assert registry.list("reconstruction_loss") == ["l1", "mse"]
+    assert "margin" not in registry.list("adversarial_loss")

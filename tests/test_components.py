@@ -79,10 +79,17 @@ def test_discriminator_shapes_and_gradients(name, shape):
     _assert_grads(disc)
 
 
-@pytest.mark.parametrize("name", _ids("loss"))
-def test_loss_is_a_finite_differentiable_scalar(name):
+_LOSSES = [(family, name) for family in ("classification_loss", "reconstruction_loss", "adversarial_loss")
+           for name in _ids(family)]
+
+
+@pytest.mark.parametrize("family,name", _LOSSES, ids=[f"{f}-{n}" for f, n in _LOSSES])
+def test_loss_is_a_finite_differentiable_scalar(family, name):
     torch.manual_seed(0)
-    loss = _REGISTRY.create("loss", name)
+    loss = _REGISTRY.create(family, name)
+    expected = {"classification_loss": ClassificationLoss, "reconstruction_loss": ReconstructionLoss,
+                "adversarial_loss": AdversarialLoss}[family]
+    assert isinstance(loss, expected)
     if isinstance(loss, ClassificationLoss):
         caps = torch.randn(4, K, 16, requires_grad=True)
         value = loss(caps, torch.tensor([0, 3, 9, 3]))

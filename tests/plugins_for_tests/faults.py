@@ -3,9 +3,9 @@
 Named in a recipe with ``run.plugins = ["plugins_for_tests.faults"]`` (the tests
 folder must be on ``sys.path``). They register like any third-party plugin:
 
-- loss ``nan_at_step`` (classification): the margin loss, but NaN or Inf at chosen
+- classification loss ``nan_at_step``: the margin loss, but NaN or Inf at chosen
   training steps, so the trainer's numerical-fault handling can be exercised;
-- loss ``rng_mse`` (reconstruction): MSE against a target jittered by the torch,
+- reconstruction loss ``rng_mse``: MSE against a target jittered by the torch,
   NumPy and Python generators, so a resume that restores any RNG state wrongly
   ends with different weights.
 """
@@ -65,5 +65,5 @@ class RngMSELoss(ReconstructionLoss):
 
 @hookimpl
 def capsgan_register(registry):
-    registry.register("loss", "nan_at_step", NanAtStepLoss)
-    registry.register("loss", "rng_mse", RngMSELoss)
+    registry.register("classification_loss", "nan_at_step", NanAtStepLoss)
+    registry.register("reconstruction_loss", "rng_mse", RngMSELoss)
