@@ -1,4 +1,10 @@
-"""Turn a resolved recipe into live components: data, models, losses, gate, optimizers."""
+"""Turn a resolved recipe into live components: the one way anything is built.
+
+Every component is made through :meth:`Registry.create` from the recipe's slot table
+(:data:`capsgan_toolkit.recipe.SLOTS`); after building, :func:`check_contracts` runs one
+tiny batch through the parts and names the plugin whose output has the wrong shape, before
+any run folder is made.
+"""
 
 from __future__ import annotations
 
@@ -10,31 +16,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from capsgan_toolkit.errors import CapsganError
-from capsgan_toolkit.interfaces import DatasetInfo, DatasetPlugin, Encoder, Gate
-from capsgan_toolkit.recipe import ResolvedRecipe
-from capsgan_toolkit.registry import Registry
+from capsgan_toolkit.errors import CapsganError, ContractError
+from capsgan_toolkit.interfaces import DatasetInfo, DatasetPlugin, Gate
+from capsgan_toolkit.objective import Objective, Parts
+from capsgan_toolkit.recipe import SLOTS, ResolvedRecipe
+
+_FAMILY = dict(SLOTS)
 
 
 @dataclass
-class Components:
-    """Everything a recipe builds."""
+class Built:
+    """Everything a recipe builds: data, parts, the objective that trains them, the gate."""
 
+    resolved: ResolvedRecipe
     dataset: DatasetPlugin
-    info: DatasetInfo
-    encoder: Encoder
-    generator: nn.Module
-    discriminator: nn.Module | None
-    classification: nn.Module
-    reconstruction: nn.Module | None
-    adversarial: nn.Module | None
+    parts: Parts
+    objective: Objective
     gate: Gate
 
+    @property
+    def info(self) -> DatasetInfo:
+        return self.parts.info
+
     def modules(self) -> dict[str, nn.Module]:
-        out = {"encoder": self.encoder, "generator": self.generator}
-        if self.discriminator is not None:
-            out["discriminator"] = self.discriminator
-        return out
+        return self.parts.modules()
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,59 +64,135 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _create(registry: Registry, resolved: ResolvedRecipe, key: str, family: str, **context: Any):
-    spec = {
-        "data": resolved.recipe.data,
-        "encoder": resolved.recipe.encoder,
-        "generator": resolved.recipe.generator,
-        "discriminator": resolved.recipe.discriminator,
-        "gate": resolved.recipe.gate,
-        "losses.classification": resolved.recipe.losses.classification,
-        "losses.reconstruction": resolved.recipe.losses.reconstruction,
-        "losses.adversarial": resolved.recipe.losses.adversarial,
-    }[key]
+def _origin(plugins, component) -> str:
+    dist = getattr(plugins, "sources", {}).get(component.source)
+    return f"{component.source}, {dist}" if dist else component.source
+
+
+def create(plugins, resolved: ResolvedRecipe, key: str, **context: Any):
+    """Build the component of recipe table ``key`` (``None`` if the recipe has none).
+
+    Raises:
+        CapsganError: the constructor failed; the message names the table, the plugin and its source.
+    """
+    spec = resolved.recipe.spec(key)
     if spec is None:
         return None
-    comp = registry.get(family, spec.plugin)
+    family = "metric_features" if key.startswith("eval.features.") else _FAMILY[key]
+    registry = plugins.registry
+    component = registry.get(family, spec.plugin)
     try:
-        return comp.cls(resolved.params[key], **context)
+        return registry.create(family, spec.plugin, resolved.params[key], **context)
     except CapsganError:
         raise
     except Exception as exc:
         raise CapsganError(
-            f'{resolved.source}: building {key} (plugin "{spec.plugin}" from {comp.source}) failed: '
-            f"{type(exc).__name__}: {exc}. Check the params in [{key}] or report it to the plugin's authors."
+            f'{resolved.source}: building [{key}] (plugin "{spec.plugin}" from {_origin(plugins, component)}) '
+            f"failed: {type(exc).__name__}: {exc}. Check the params in [{key}] of the recipe, or report it to "
+            "the plugin's authors."
         ) from exc
 
 
-def build_components(resolved: ResolvedRecipe, registry: Registry) -> Components:
-    """Build every component of the recipe; model weights are drawn from the seeded RNG."""
-    dataset = _create(registry, resolved, "data", "dataset")
+def build(resolved: ResolvedRecipe, plugins, *, check: bool = True) -> Built:
+    """Build every component of the recipe, seeding the global RNGs with ``run.seed`` first.
+
+    Args:
+        resolved: the validated recipe.
+        plugins: the loaded :class:`~capsgan_toolkit.plugin_manager.PluginSet`.
+        check: run :func:`check_contracts` on the parts.
+    """
+    run = resolved.recipe.run
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    seed_everything(run.seed)
+    dataset = create(plugins, resolved, "data")
     info = dataset.info
-    encoder = _create(registry, resolved, "encoder", "encoder", image_shape=info.image_shape, num_classes=info.num_classes)
-    generator = _create(
-        registry, resolved, "generator", "generator",
-        num_classes=info.num_classes, capsule_dim=encoder.capsule_dim, image_shape=info.image_shape,
-    )
-    discriminator = None
-    if resolved.recipe.losses.adversarial is not None:
-        if resolved.recipe.discriminator is None:
-            raise CapsganError(
-                f"{resolved.source}: losses.adversarial is set but there is no [discriminator] table. "
-                'Add one (for example plugin = "dcgan") or remove losses.adversarial for an L2-only generator.'
-            )
-        discriminator = _create(registry, resolved, "discriminator", "discriminator", image_shape=info.image_shape)
-    return Components(
-        dataset=dataset,
+    objective_cls = plugins.registry.get("objective", resolved.recipe.objective.plugin).cls
+    objective_params = resolved.params["objective"]
+    encoder = create(plugins, resolved, "encoder", image_shape=info.image_shape, num_classes=info.num_classes)
+    rows, dim = (objective_cls.latent_shape(objective_params, info, encoder)
+                 if hasattr(objective_cls, "latent_shape") else (info.num_classes, getattr(encoder, "capsule_dim", 16)))
+    d_shape = (objective_cls.discriminator_shape(objective_params, info)
+               if hasattr(objective_cls, "discriminator_shape") else info.image_shape)
+    parts = Parts(
         info=info,
         encoder=encoder,
-        generator=generator,
-        discriminator=discriminator,
-        classification=_create(registry, resolved, "losses.classification", "loss"),
-        reconstruction=_create(registry, resolved, "losses.reconstruction", "loss"),
-        adversarial=_create(registry, resolved, "losses.adversarial", "loss"),
-        gate=_create(registry, resolved, "gate", "gate"),
+        generator=create(plugins, resolved, "generator", num_classes=rows, capsule_dim=dim,
+                         image_shape=info.image_shape),
+        discriminator=create(plugins, resolved, "discriminator", image_shape=d_shape),
+        classification=create(plugins, resolved, "losses.classification"),
+        reconstruction=create(plugins, resolved, "losses.reconstruction"),
+        adversarial=create(plugins, resolved, "losses.adversarial"),
     )
+    objective = create(plugins, resolved, "objective", parts=parts, weights=resolved.recipe.losses.weights())
+    built = Built(resolved, dataset, parts, objective, create(plugins, resolved, "gate"))
+    if check:
+        check_contracts(built, plugins, latent=(rows, dim), disc_shape=d_shape)
+    return built
+
+
+def _violation(plugins, resolved, key: str, what: str) -> ContractError:
+    spec = resolved.recipe.spec(key)
+    component = plugins.registry.get(_FAMILY[key], spec.plugin)
+    return ContractError(
+        f'{resolved.source}: the {_FAMILY[key]} "{spec.plugin}" of [{key}] (from {_origin(plugins, component)}) '
+        f"{what}. Nothing was trained and no run folder was made. Fix the plugin (its family's contract is in "
+        "docs/writing-plugins.md) or choose another in the recipe."
+    )
+
+
+@torch.no_grad()
+def check_contracts(built: Built, plugins, *, latent: tuple[int, int], disc_shape, batch: int = 2) -> None:
+    """Run ``batch`` random inputs through each part and check the shapes of what it returns.
+
+    Models run in eval mode under ``no_grad`` with their own random generator, so the
+    check changes no weight, statistic or RNG state.
+
+    Raises:
+        ContractError: naming the plugin, its source and the shape it returned.
+    """
+    p, resolved, info = built.parts, built.resolved, built.info
+    gen = torch.Generator().manual_seed(0)
+    modes = {name: m.training for name, m in p.modules().items()}
+    for m in p.modules().values():
+        m.eval()
+    try:
+        if p.encoder is not None:
+            images = torch.rand(batch, *info.image_shape, generator=gen) * 2 - 1
+            out = _call(plugins, resolved, "encoder", p.encoder, images)
+            want = (batch, info.num_classes, getattr(p.encoder, "capsule_dim", None))
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+                raise _violation(plugins, resolved, "encoder", f"returned {_shape(out)} for {batch} images of shape "
+                                 f"{tuple(info.image_shape)}; the contract is (B, K, D) = {want} (K classes, D its "
+                                 "declared capsule_dim)")
+        if p.generator is not None:
+            z = torch.randn(batch, *latent, generator=gen)
+            out = _call(plugins, resolved, "generator", p.generator, z)
+            want = (batch, *info.image_shape)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+                raise _violation(plugins, resolved, "generator", f"returned {_shape(out)} for a latent of shape "
+                                 f"{tuple(z.shape)}; the contract is images (B, C, H, W) = {want}")
+        if p.discriminator is not None:
+            images = torch.rand(batch, *disc_shape, generator=gen) * 2 - 1
+            out = _call(plugins, resolved, "discriminator", p.discriminator, images)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (batch,):
+                raise _violation(plugins, resolved, "discriminator", f"returned {_shape(out)} for {batch} images; "
+                                 f"the contract is one logit per image, shape ({batch},)")
+    finally:
+        for name, m in p.modules().items():
+            m.train(modes[name])
+
+
+def _call(plugins, resolved, key, module, x):
+    try:
+        return module(x)
+    except Exception as exc:
+        raise _violation(plugins, resolved, key, f"failed on a batch of shape {tuple(x.shape)}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _shape(out) -> str:
+    return f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
 
 
 def count_parameters(module: nn.Module | None) -> int:

@@ -59,3 +59,7 @@ class NameClashError(RegistryError):
 
 class PluginError(PluginLoadError):
     """Broken plugins or plugin warnings, refused in strict mode (``--strict-plugins``)."""
+
+
+class ContractError(CapsganError):
+    """A plugin's component returned something its family's contract forbids (a wrong shape)."""

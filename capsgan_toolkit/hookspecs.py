@@ -26,5 +26,25 @@ def capsgan_register(registry):  # pragma: no cover - specification only
 
 
 @hookspec
-def capsgan_run_event(event, payload):  # pragma: no cover - specification only
-    """Observe a training event (``run_start``, ``epoch_end``, ``run_end``)."""
+def capsgan_run_start(event):  # pragma: no cover - specification only
+    """Observe the start (or resume) of training; ``event`` is a :class:`~capsgan_toolkit.events.RunStart`."""
+
+
+@hookspec
+def capsgan_epoch_end(event):  # pragma: no cover - specification only
+    """Observe the end of an epoch; ``event`` is an :class:`~capsgan_toolkit.events.EpochEnd`."""
+
+
+@hookspec
+def capsgan_checkpoint_saved(event):  # pragma: no cover - specification only
+    """Observe a checkpoint written; ``event`` is a :class:`~capsgan_toolkit.events.CheckpointSaved`."""
+
+
+@hookspec
+def capsgan_evaluation_done(event):  # pragma: no cover - specification only
+    """Observe an evaluation's results; ``event`` is an :class:`~capsgan_toolkit.events.EvaluationDone`."""
+
+
+@hookspec
+def capsgan_run_end(event):  # pragma: no cover - specification only
+    """Observe the end of training; ``event`` is a :class:`~capsgan_toolkit.events.RunEnd`."""

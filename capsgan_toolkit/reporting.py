@@ -24,9 +24,6 @@ class MetricsLog:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def rows(self) -> list[dict[str, Any]]:
-        return read_metrics(self.path)
-
     def truncate_after(self, step: int, epoch: int | None = None) -> None:
         """Drop rows logged after ``step`` (used on resume: they will be logged again).
 
@@ -38,7 +35,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step
-                and (epoch is None or r.get("kind") == "train" or r.get("epoch", -1) < epoch)]
+                and (epoch is None or r.get("kind") in ("train", "event") or r.get("epoch", -1) < epoch)]
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             for row in kept:

@@ -1,6 +1,7 @@
 """Pictures of a trained model: new samples, reconstructions and capsule traversals.
 
-New samples come from the per-class Gaussian latent prior (see :mod:`capsgan_toolkit.prior`).
+New samples come from the objective (the per-class Gaussian latent prior of :mod:`capsgan_toolkit.prior`
+for the reconstruction GAN, noise for a DCGAN).
 A traversal takes two test images of a class, encodes them, and sweeps each of the D
 dimensions of the predicted capsule over ``[-span, span]`` around its value, one row
 per dimension and image, as Sabour et al. (2017) do to show what each capsule dimension encodes
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from capsgan_toolkit.errors import CapsganError
-from capsgan_toolkit.evaluation import LoadedRun, fit_prior, fork_rng
+from capsgan_toolkit.metrics import fork_rng
 from capsgan_toolkit.reporting import save_grid, save_pairs, save_traversal
 
 
@@ -33,32 +34,36 @@ def _test_images(dataset, classes: list[int], per_class: int) -> dict[int, torch
     return {k: torch.stack(v) for k, v in found.items() if v}
 
 
-def _generate(generator, latents: torch.Tensor, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+def _generate(fn, inputs: torch.Tensor, device: torch.device, batch_size: int = 128) -> torch.Tensor:
     out = []
-    for start in range(0, latents.shape[0], batch_size):
-        out.append(generator(latents[start:start + batch_size].to(device)).float().cpu())
+    for start in range(0, inputs.shape[0], batch_size):
+        out.append(fn(inputs[start:start + batch_size].to(device)).float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def write_samples(run: LoadedRun, out_dir: str | Path, *, n: int = 64, class_index: int | None = None,
+def write_samples(run, out_dir: str | Path, *, n: int = 64, class_index: int | None = None,
                   span: float = 0.25, steps: int = 11, seed: int = 0) -> list[Path]:
     """Write new samples, reconstructions and traversals of ``run`` into ``out_dir``.
 
+    What is written depends on the run's objective: new samples where it generates (from the
+    latent prior, or noise for a DCGAN), reconstructions where it reconstructs, capsule
+    traversals where it has an encoder and a generator.
+
     Args:
-        run: the loaded run.
+        run: the :class:`~capsgan_toolkit.api.LoadedRun`.
         out_dir: destination folder (created).
         n: new samples and reconstruction pairs.
         class_index: only this class (default: every class; in the samples grid each
             column is a class).
         span, steps: traversal range and number of values per dimension.
-        seed: seed of the prior samples.
+        seed: seed of the new samples.
 
     Returns:
         The written PNG files.
     """
-    c, ev = run.components, run.resolved.recipe.eval
-    num_classes = c.info.num_classes
+    built, ev, obj = run.built, run.resolved.recipe.eval, run.objective
+    num_classes = built.info.num_classes
     if class_index is not None and not 0 <= class_index < num_classes:
         raise CapsganError(f"--class {class_index} is out of range: this data set has classes 0 to {num_classes - 1}.")
     if n < 1 or steps < 2:
@@ -68,19 +73,21 @@ def write_samples(run: LoadedRun, out_dir: str | Path, *, n: int = 64, class_ind
     suffix = "" if class_index is None else f"_class{class_index}"
     written = []
     with fork_rng(run.device):
-        prior = fit_prior(c.encoder, c.dataset, limit=ev.prior_images, seed=ev.seed, batch_size=ev.batch_size,
-                          device=run.device)
-        if class_index is None:
-            classes = prior.balanced_classes(n)
-            nrow = len(prior.fitted_classes)
-        else:
-            classes = torch.full((n,), class_index, dtype=torch.long)
-            nrow = math.ceil(math.sqrt(n))
-        fake = _generate(c.generator, prior.sample(classes, torch.Generator().manual_seed(seed)), run.device)
-        written.append(save_grid(fake, out / f"generated{suffix}.png", nrow=nrow))
-
+        if obj.has_generation:
+            obj.prepare_generation(built.dataset.split("train"), limit=ev.prior_images, seed=ev.seed,
+                                   batch_size=ev.batch_size, device=run.device)
+            if class_index is None:
+                nrow = num_classes if obj.conditional else math.ceil(math.sqrt(n))
+                classes = torch.arange(n) % num_classes
+            else:
+                classes = torch.full((n,), class_index, dtype=torch.long)
+                nrow = math.ceil(math.sqrt(n))
+            fake = obj.generate(classes, torch.Generator().manual_seed(seed))
+            written.append(save_grid(fake, out / f"generated{suffix}.png", nrow=nrow))
+        if not obj.has_reconstruction:
+            return written
         wanted = list(range(num_classes)) if class_index is None else [class_index]
-        per_class = _test_images(c.dataset, wanted, max(2, math.ceil(n / len(wanted))))
+        per_class = _test_images(built.dataset, wanted, max(2, math.ceil(n / len(wanted))))
         if not per_class:
             raise CapsganError(f"The test split has no image of class {class_index} to reconstruct or traverse.")
         depth = max(v.shape[0] for v in per_class.values())
@@ -88,10 +95,10 @@ def write_samples(run: LoadedRun, out_dir: str | Path, *, n: int = 64, class_ind
         real = torch.stack([v[i] for i in range(depth) for v in per_class.values() if i < v.shape[0]])[:n]
         if real.shape[0] > 8:  # save_pairs lays out rows of 8 pairs: keep whole rows so pairs stay aligned
             real = real[: real.shape[0] - real.shape[0] % 8]
-        recon = _generate(c.generator, c.encoder.to_latent(c.encoder(real.to(run.device))).cpu(), run.device)
+        recon = _generate(obj.reconstruct, real, run.device)
         written.append(save_pairs(real, recon, out / f"reconstructions{suffix}.png"))
-
+        encoder, generator = built.parts.encoder, built.parts.generator
         for k, images in per_class.items():
-            written.append(save_traversal(c.encoder, c.generator, images[:2].to(run.device),
+            written.append(save_traversal(encoder, generator, images[:2].to(run.device),
                                           out / f"traversal_class{k}.png", span=span, steps=steps))
     return written

@@ -1,0 +1,226 @@
+"""The library API behind the commands: load a recipe, train, load a trained run, evaluate.
+
+The CLI and ``capsgan compare`` call these functions; a script can too::
+
+    from capsgan_toolkit import api
+    summary = api.train("recipes/quickstart.toml", out="runs/qs", sets=["run.epochs=1"])
+    result = api.evaluate("runs/qs", metrics=["acc", "rec"], num_images=500)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from capsgan_toolkit import __version__
+from capsgan_toolkit import checkpoint as ckpt
+from capsgan_toolkit.build import Built, build, pick_device
+from capsgan_toolkit.errors import CapsganError, CheckpointError, RecipeError
+from capsgan_toolkit.plugin_manager import PluginSet, load_plugins
+from capsgan_toolkit.recipe import ResolvedRecipe, apply_overrides, read_toml, resolve
+from capsgan_toolkit.rundir import RunDir, breaking_changes
+
+
+def load_recipe(path: str | Path, sets=(), *, strict_plugins: bool = False,
+                warn: Callable[[str], None] | None = None) -> tuple[PluginSet, ResolvedRecipe]:
+    """Read a recipe, apply ``--set`` overrides, load the plugins it needs and validate it.
+
+    Args:
+        path: the TOML recipe.
+        sets: ``key.path=value`` overrides.
+        strict_plugins: turn a broken plugin or a plugin warning into an error.
+        warn: receives one line per broken plugin or plugin warning (``None``: ignored).
+    """
+    data = read_toml(path)
+    applied = apply_overrides(data, list(sets))
+    run = data.get("run", {})
+    extra = run.get("plugins", []) if isinstance(run, dict) else []
+    if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+        raise RecipeError(f"{path}: run.plugins must be a list of module names, got {extra!r}.")
+    plugins = _load_plugins(extra, strict_plugins)
+    _report_plugins(plugins, warn)
+    return plugins, resolve(data, plugins.registry, source=str(path), overrides=applied)
+
+
+def _load_plugins(extra, strict: bool) -> PluginSet:
+    try:
+        return load_plugins(extra, strict=strict)
+    except TypeError:  # a plugin manager without strict mode
+        return load_plugins(extra)
+
+
+def _report_plugins(plugins: PluginSet, warn) -> None:
+    if warn is None:
+        return
+    for broken in plugins.broken:
+        warn(f"{broken.describe()}. Its components are unavailable.")
+    for line in getattr(plugins, "warnings", []):
+        warn(line)
+
+
+def train(recipe: str | Path | None = None, *, out: str | Path | None = None, sets=(), resume: bool = False,
+          overwrite: bool = False, console=None, strict_plugins: bool = False) -> dict[str, Any]:
+    """Train a recipe into a run folder and return the run's summary.
+
+    Args:
+        recipe: the TOML recipe (may be omitted when resuming: the run's own recipe is used).
+        out: the run folder (default: ``runs/<run.name>``).
+        sets: ``key.path=value`` overrides.
+        resume: continue the run in ``out`` if it holds one (exactly, from its newest
+            checkpoint); a finished run is returned as it is; a folder without a run starts one.
+        overwrite: delete an existing run folder first.
+        console: a rich console for progress (``None``: quiet).
+        strict_plugins: see :func:`load_recipe`.
+    """
+    from capsgan_toolkit.trainer import Trainer
+
+    warn = None if console is None else (lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False))
+    if resume and out is not None and RunDir(out).is_run():
+        rd = RunDir(out)
+        if rd.is_finished() and not sets:
+            return rd.read_summary()
+        checkpoint_path = rd.resume_checkpoint()
+        plugins, resolved = load_recipe(recipe or rd.recipe_file, sets, strict_plugins=strict_plugins, warn=warn)
+        state = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None  # read once
+        changes = breaking_changes(state["recipe"], resolved.to_dict()) if state is not None else []
+        if changes:
+            raise CapsganError(
+                f"Cannot resume {rd.path} with this recipe: these keys changed in ways that break the run:\n  "
+                + "\n  ".join(changes) + "\nResume with the run's own recipe (omit RECIPE), or start a new run with --out.")
+        rd.write_recipe(resolved)
+        if state is None:
+            rd.metrics_file.unlink(missing_ok=True)  # rows of the attempt that left no checkpoint
+        if console is not None:
+            console.print(f"Resuming {rd.path} from {checkpoint_path.name}" if checkpoint_path is not None
+                          else f"{rd.path} holds no checkpoint yet: starting it from the beginning", highlight=False)
+        trainer = Trainer(resolved, plugins, rd.path, console=console, resume_from=state)
+    else:
+        if recipe is None:
+            raise CapsganError("Give a RECIPE to train, or --resume RUN_DIR to continue a run.")
+        plugins, resolved = load_recipe(recipe, sets, strict_plugins=strict_plugins, warn=warn)
+        built = build(resolved, plugins)  # contracts are checked before any folder is made
+        rd = RunDir.create(Path(out) if out else RunDir.default_path(resolved), overwrite=overwrite)
+        rd.write_recipe(resolved)
+        try:
+            trainer = Trainer(resolved, plugins, rd.path, console=console, built=built)
+        except CapsganError:
+            rd.discard_unstarted()  # e.g. a missing data set: the same command works once fixed
+            raise
+    if console is not None:
+        r = resolved.recipe
+        parts = ", ".join(f"{k} {getattr(r, k).plugin}" for k in ("encoder", "generator", "discriminator")
+                          if getattr(r, k) is not None)
+        console.print(f"Training [bold]{r.run.name}[/] ({r.objective.plugin}: {parts}) on {trainer.device}, data "
+                      f"{r.data.plugin} ({len(trainer.train_set)} train images) -> {rd.path}", highlight=False)
+    return trainer.fit()
+
+
+@dataclass
+class LoadedRun:
+    """A run folder's checkpoint, rebuilt: recipe, plugins, components with their weights."""
+
+    rd: RunDir
+    checkpoint: Path
+    epoch: int
+    step: int
+    resolved: ResolvedRecipe
+    plugins: PluginSet
+    built: Built
+    device: torch.device
+
+    @property
+    def run_dir(self) -> Path:
+        return self.rd.path
+
+    @property
+    def objective(self):
+        return self.built.objective
+
+    def evaluator(self, progress=None):
+        """Return an Evaluator of this run (``progress``: a rich Console for progress bars, or ``None``)."""
+        from capsgan_toolkit.evaluation import Evaluator
+
+        return Evaluator(self.resolved, self.plugins.registry, objective=self.built.objective,
+                         dataset=self.built.dataset, device=self.device, progress=progress)
+
+
+def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict[str, Any] | None = None,
+                 sets=(), device: str | None = None, inception_weights: str | None = None) -> LoadedRun:
+    """Rebuild a trained run from its folder for evaluation or sampling.
+
+    Args:
+        run_dir: the run folder.
+        checkpoint: ``final``, ``best``, ``latest``, a file name in checkpoints/ or a path (default: final, else newest).
+        eval_overrides: ``[eval]`` keys to replace (from command-line options).
+        sets: ``eval.key=value`` overrides; other keys would change the model and are refused.
+        device: ``auto``/``cpu``/``cuda``/``mps`` (default: the recipe's run.device).
+        inception_weights: a local Inception weights file; adds an ``inception`` extractor.
+    """
+    rd = RunDir(run_dir)
+    path = rd.checkpoint(checkpoint)
+    state = ckpt.load_checkpoint(path)
+    data = copy.deepcopy(state["recipe"])
+    for text in sets:
+        if not text.split("=", 1)[0].strip().startswith("eval."):
+            raise RecipeError(f"--set {text}: only eval.* keys can change when evaluating a trained run "
+                              "(the others describe the model that was trained).")
+    applied = apply_overrides(data, list(sets))
+    section = data.setdefault("eval", {})
+    section.update(eval_overrides or {})
+    if inception_weights:
+        from capsgan_toolkit.catalogue import add_inception
+
+        data["eval"] = add_inception(section, str(inception_weights))
+    plugins = load_plugins(data.get("run", {}).get("plugins", []))
+    resolved = resolve(data, plugins.registry, source=f"{path} (the run's recipe)", overrides=applied)
+    target = pick_device(device or resolved.recipe.run.device)
+    built = build(resolved, plugins, check=False)
+    try:
+        for name, module in built.modules().items():
+            module.load_state_dict(state["models"][name])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} does not fit the models of its own recipe ({str(exc).splitlines()[0]}); "
+                              "the plugins changed since it was trained.") from None
+    for module in built.modules().values():
+        module.to(target).eval()
+    position = state.get("position", {})
+    return LoadedRun(rd=RunDir(path.parent.parent), checkpoint=path, epoch=position.get("epoch", 0),
+                     step=position.get("step", 0), resolved=resolved, plugins=plugins, built=built, device=target)
+
+
+def evaluate(run_dir, *, checkpoint: str | None = None, metrics: list[str] | None = None,
+             num_images: int | None = None, sets=(), device: str | None = None, inception_weights: str | None = None,
+             out: str | Path | None = None, console=None) -> dict[str, Any]:
+    """Evaluate a trained run with its recipe's ``[eval]`` protocol (or the overrides); write and return eval.json."""
+    from capsgan_toolkit.evaluation import preflight
+
+    overrides: dict[str, Any] = {}
+    if metrics is not None:
+        overrides["metrics"] = list(metrics)
+    if num_images is not None:
+        overrides["num_images"] = num_images
+    run = load_trained(run_dir, checkpoint=checkpoint, eval_overrides=overrides, sets=tuple(sets), device=device,
+                       inception_weights=inception_weights)
+    preflight(run.resolved, run.plugins.registry, run.built.info)  # missing weights fail before slow work
+    if console is not None:
+        console.print(f"Evaluating {run.checkpoint} (epoch {run.epoch}, step {run.step}) on {run.device}",
+                      highlight=False)
+    start = time.perf_counter()
+    report = run.evaluator(progress=console).run()
+    import torch_fidelity
+
+    result = {
+        "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), "epoch": run.epoch, "step": run.step,
+        "objective": run.resolved.recipe.objective.plugin,
+        "recipe_digest": run.resolved.digest(), "toolkit_version": __version__,
+        "torch_fidelity_version": torch_fidelity.__version__, "device": str(run.device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 2),
+        "eval": run.resolved.to_dict()["eval"], **report.to_dict(),
+    }
+    run.rd.write_eval(result, out)
+    return result

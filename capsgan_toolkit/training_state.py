@@ -1,0 +1,127 @@
+"""What a training run carries between steps, and how it is saved: RNG states, running means, counters.
+
+Everything here goes into each checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """Return the training order of ``epoch``: a pure function of seed and epoch, so resume needs no sampler state."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def split_train_val(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Return ``(train, val)`` indices of a training split: a seeded share ``fraction`` held out for validation."""
+    if fraction <= 0:
+        return list(range(n)), []
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + 17)).tolist()
+    n_val = max(1, int(round(n * fraction)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def rng_state() -> dict[str, Any]:
+    """Return the states of Python's, NumPy's and torch's global RNGs (CUDA too, when present)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class RunningMean:
+    """A bias-corrected exponential moving average (Adam's correction).
+
+    ``value`` is ``None`` before the first update; after ``t`` updates it is
+    ``m_t / (1 - momentum**t)`` with ``m_t = momentum * m_{t-1} + (1 - momentum) * x_t``,
+    ``m_0 = 0``: an average of the recent values that gives the first ones no extra weight.
+    """
+
+    momentum: float
+    raw: float = 0.0
+    count: int = 0
+
+    def update(self, x: float) -> None:
+        self.raw = self.momentum * self.raw + (1 - self.momentum) * float(x)
+        self.count += 1
+
+    @property
+    def value(self) -> float | None:
+        if self.count == 0:
+            return None
+        return self.raw / (1 - self.momentum ** self.count)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"raw": self.raw, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw, self.count = float(state["raw"]), int(state["count"])
+
+
+@dataclass
+class Position:
+    """Where training is: epoch, batch inside the epoch, global step, and running values."""
+
+    momentum: float
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    skipped_steps: int = 0
+    best_val_acc: float = -1.0
+    elapsed: float = 0.0
+    encoder_acc: RunningMean = field(init=False)
+    disc_acc: RunningMean = field(init=False)
+    interval: dict[str, Any] = field(init=False)
+
+    def __post_init__(self):
+        self.encoder_acc = RunningMean(self.momentum)
+        self.disc_acc = RunningMean(self.momentum)
+        self.reset_interval()
+
+    def reset_interval(self) -> None:
+        """Start a new log interval (sums and counts of logged values, images, time)."""
+        self.interval = {"sums": {}, "counts": {}, "images": 0, "time": 0.0}
+
+    def add(self, key: str, value: float) -> None:
+        self.interval["sums"][key] = self.interval["sums"].get(key, 0.0) + float(value)
+        self.interval["counts"][key] = self.interval["counts"].get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: total / self.interval["counts"][k] for k, total in self.interval["sums"].items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+                "skipped_steps": self.skipped_steps, "best_val_acc": self.best_val_acc, "elapsed": self.elapsed,
+                "encoder_acc": self.encoder_acc.state_dict(), "disc_acc": self.disc_acc.state_dict(),
+                "interval": self.interval}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("epoch", "batch_in_epoch", "step", "skipped_steps", "best_val_acc", "elapsed", "interval"):
+            setattr(self, key, state[key])
+        self.encoder_acc.load_state_dict(state["encoder_acc"])
+        self.disc_acc.load_state_dict(state["disc_acc"])
