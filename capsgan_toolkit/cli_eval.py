@@ -1,18 +1,13 @@
-"""The ``capsgan eval`` and ``capsgan sample`` commands (registered on the ``capsgan`` group)."""
+"""The ``capsgan eval`` and ``capsgan sample`` commands (:mod:`capsgan_toolkit.cli` adds them to the group)."""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import click
 
-from capsgan_toolkit import __version__
-from capsgan_toolkit.cli import cli, console, friendly, option
+from capsgan_toolkit.cli_common import DEVICES, console, friendly, option
 from capsgan_toolkit.recipe import EVAL_METRICS
-
-_DEVICES = click.Choice(["auto", "cpu", "cuda", "mps"])
 
 
 def _metric_list(text: str | None) -> list[str] | None:
@@ -21,7 +16,7 @@ def _metric_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-@cli.command("eval")
+@click.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @option("--metrics", default=None, metavar="A,B,...",
         help=f"Comma-separated metrics (default: the recipe's eval.metrics). Any of: {', '.join(EVAL_METRICS)}.")
@@ -31,40 +26,19 @@ def _metric_list(text: str | None) -> list[str] | None:
 @option("--inception-weights", type=click.Path(dir_okay=False), default=None,
         help="Local torch-fidelity Inception-v3 weights file; adds Inception scores (label 'inception').")
 @option("--set", "sets", multiple=True, metavar="eval.KEY=VALUE", help="Override an [eval] key, e.g. eval.seed=1.")
-@option("--device", type=_DEVICES, default=None, help="Where to run (default: the recipe's run.device).")
+@option("--device", type=DEVICES, default=None, help="Where to run (default: the recipe's run.device).")
 @option("--out", type=click.Path(dir_okay=False), default=None, help="JSON file to write (default: RUN_DIR/eval.json).")
 @friendly
 def eval_command(run_dir, metrics, num_images, checkpoint, inception_weights, sets, device, out):
     """Evaluate a trained run: accuracy, reconstructions, new images; write eval.json."""
-    from capsgan_toolkit.evaluation import load_run
+    from capsgan_toolkit.api import evaluate
+    from capsgan_toolkit.evaluation import EvalReport
 
-    overrides = {}
-    if metrics is not None:
-        overrides["metrics"] = _metric_list(metrics)
-    if num_images is not None:
-        overrides["num_images"] = num_images
-    run = load_run(run_dir, checkpoint=checkpoint, eval_overrides=overrides, sets=tuple(sets), device=device,
-                   inception_weights=inception_weights)
-    from capsgan_toolkit.evaluation import preflight
-
-    preflight(run.resolved, run.plugins.registry, run.components.info)  # missing weights fail before slow work
-    console.print(f"Evaluating {run.checkpoint} (epoch {run.epoch}, step {run.step}) on {run.device}", highlight=False)
-    start = time.perf_counter()
-    report = run.evaluator(log=lambda text: console.print(text, highlight=False)).run()
-    import torch_fidelity
-
-    result = {
-        "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), "epoch": run.epoch, "step": run.step,
-        "recipe_digest": run.resolved.digest(), "toolkit_version": __version__,
-        "torch_fidelity_version": torch_fidelity.__version__, "device": str(run.device),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 2),
-        "eval": run.resolved.to_dict()["eval"], **report.to_dict(),
-    }
-    path = Path(out) if out else Path(run.run_dir) / "eval.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    _print_report(report)
-    console.print(f"Wrote {path}", highlight=False)
+    result = evaluate(run_dir, checkpoint=checkpoint, metrics=_metric_list(metrics), num_images=num_images,
+                      sets=tuple(sets), device=device, inception_weights=inception_weights, out=out, console=console)
+    _print_report(EvalReport(metrics=result["metrics"], protocol=result["protocol"], skipped=result["skipped"],
+                             extractors=result["extractors"]))
+    console.print(f"Wrote {Path(out) if out else Path(result['run_dir']) / 'eval.json'}", highlight=False)
 
 
 def _print_report(report) -> None:
@@ -75,7 +49,7 @@ def _print_report(report) -> None:
         console.print(f"  features [bold]{label}[/]: {description}", highlight=False)
 
 
-@cli.command("sample")
+@click.command("sample")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @option("--n", "n", type=click.IntRange(min=1), default=64, help="New samples and reconstruction pairs.")
 @option("--class", "class_index", type=int, default=None, help="Only this class (default: all; a column each).")
@@ -84,15 +58,15 @@ def _print_report(report) -> None:
 @option("--steps", type=click.IntRange(min=2), default=11, help="Values per dimension in a traversal.")
 @option("--seed", type=int, default=0, help="Seed of the new samples.")
 @option("--checkpoint", default=None, help="final, best, or a checkpoint file (default: final.pt, else the newest).")
-@option("--device", type=_DEVICES, default=None, help="Where to run (default: the recipe's run.device).")
+@option("--device", type=DEVICES, default=None, help="Where to run (default: the recipe's run.device).")
 @option("--out", type=click.Path(file_okay=False), default=None, help="Folder (default: RUN_DIR/samples/sample).")
 @friendly
 def sample_command(run_dir, n, class_index, span, steps, seed, checkpoint, device, out):
     """Write grids of new samples, reconstructions and capsule traversals of a trained run."""
-    from capsgan_toolkit.evaluation import load_run
+    from capsgan_toolkit.api import load_trained
     from capsgan_toolkit.sampling import write_samples
 
-    run = load_run(run_dir, checkpoint=checkpoint, device=device)
+    run = load_trained(run_dir, checkpoint=checkpoint, device=device)
     folder = Path(out) if out else Path(run.run_dir) / "samples" / "sample"
     paths = write_samples(run, folder, n=n, class_index=class_index, span=span, steps=steps, seed=seed)
     for path in paths:

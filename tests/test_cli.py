@@ -8,20 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from capsgan_toolkit.cli import cli
 
-from conftest import write_toml
+from helpers import invoke, write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "run.epochs=2", "--set", "run.steps_per_epoch=3", "--set", "run.log_every=1",
         "--set", "data.num_train=256", "--set", "data.num_test=64", "--set", "run.eval_batches=1"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +29,11 @@ def quickstart_run(tmp_path_factory):
 def test_plugins_lists_every_family_with_sources_and_params():
     result = invoke("plugins")
     assert result.exit_code == 0
-    for family in ("encoder", "generator", "discriminator", "loss", "gate", "dataset", "metric_features"):
+    for family in ("objective", "encoder", "generator", "discriminator", "classification_loss", "reconstruction_loss",
+                   "adversarial_loss", "gate", "dataset", "metric_features"):
         assert family in result.output
-    for name in ("capsnet", "cnn", "dcgan", "margin", "minimax", "accuracy_band", "glyphs", "mnist", "domain_classifier"):
+    for name in ("reconstruction_gan", "classifier", "capsnet", "cnn", "dcgan", "margin", "minimax", "accuracy_band",
+                 "glyphs", "mnist", "domain_classifier"):
         assert name in result.output
     assert "builtin_gates" in result.output and "warmup_epochs" in result.output
 

@@ -7,22 +7,16 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from capsgan_toolkit.checkpoint import load_checkpoint
-from capsgan_toolkit.cli import cli
 from capsgan_toolkit.recipe import resolve
 from capsgan_toolkit.reporting import read_metrics
 from capsgan_toolkit.trainer import Trainer
 
-from conftest import TINY_RECIPE, write_toml
+from helpers import TINY_RECIPE, invoke, write_toml
 
 DOMAIN = {"plugin": "domain_classifier", "epochs": 1, "channels": 8, "feature_dim": 16, "batch_size": 16}
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def _eval_recipe(cache) -> dict:
@@ -66,9 +60,9 @@ def test_periodic_evaluation_logs_rows_and_leaves_training_unchanged(tiny_run, p
 
 
 def test_evaluation_leaves_the_random_state_alone(tiny_run):
-    from capsgan_toolkit.evaluation import load_run
+    from capsgan_toolkit.api import load_trained
 
-    run = load_run(tiny_run, device="cpu")
+    run = load_trained(tiny_run, device="cpu")
     before = torch.get_rng_state()
     report = run.evaluator().run(["acc", "rec", "gen_fid"], num_images=16)
     assert torch.equal(torch.get_rng_state(), before)
@@ -98,7 +92,7 @@ def test_eval_writes_every_number_with_its_protocol(tiny_run):
     # Cross-checks against the trainer's own end-of-run numbers (same weights, same 32 test images).
     last = [r for r in read_metrics(tiny_run / "metrics.jsonl") if r["kind"] == "epoch"][-1]
     assert metrics["acc32_test"] == pytest.approx(last["test_acc"])
-    assert 4 * metrics["rec_mse32_test"] == pytest.approx(last["test_recon_mse"], rel=1e-4)  # [0,1] vs [-1,1] units
+    assert metrics["rec_mse32_test"] == pytest.approx(last["test_rec_mse01"], rel=1e-4)  # one definition, one unit
 
 
 def test_eval_options_choose_metrics_and_counts(tiny_run, tmp_path):
@@ -121,7 +115,7 @@ def test_eval_options_choose_metrics_and_counts(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_eval_adds_inception_scores_with_a_weights_file(tiny_run, tmp_path):
     """Plumbing only (random Inception weights): --inception-weights adds scores labelled 'inception'."""
-    from test_metrics import random_inception_weights
+    from helpers import random_inception_weights
 
     weights = random_inception_weights(tmp_path / "inception.pth")
     out = tmp_path / "inception.json"
@@ -154,7 +148,7 @@ def test_sample_writes_new_images_reconstructions_and_traversals(tiny_run, tmp_p
 
 
 def test_run_refuses_inception_metrics_offline_before_training(monkeypatch, tmp_path):
-    from test_metrics import offline
+    from helpers import offline
 
     offline(monkeypatch, tmp_path)
     recipe = _eval_recipe(tmp_path / "cache")

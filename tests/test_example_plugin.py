@@ -140,20 +140,28 @@ def test_example_recipe_trains_a_few_steps(example, tmp_path):
 
     class Observer:
         @hookimpl
-        def capsgan_run_event(self, event, payload):
-            events.append((event, payload))
+        def capsgan_run_start(self, event):
+            events.append(("run_start", event))
+
+        @hookimpl
+        def capsgan_epoch_end(self, event):
+            events.append(("epoch_end", event))
+
+        @hookimpl
+        def capsgan_run_end(self, event):
+            events.append(("run_end", event))
 
     example.manager.register(Observer(), name="observer")
     resolved = load_recipe(RECIPE, example.registry, TINY)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     trainer = Trainer(resolved, example, run_dir)
-    assert type(trainer.c.encoder).__module__ == MODULE
-    before = {k: v.clone() for k, v in trainer.c.encoder.state_dict().items()}
+    assert type(trainer.built.parts.encoder).__module__ == MODULE
+    before = {k: v.clone() for k, v in trainer.built.parts.encoder.state_dict().items()}
     summary = trainer.fit()
     assert summary["steps"] == 3 and summary["epochs"] == 1
     assert (run_dir / "checkpoints" / "final.pt").is_file()
-    after = trainer.c.encoder.state_dict()
+    after = trainer.built.parts.encoder.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change the encoder"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
@@ -161,5 +169,5 @@ def test_example_recipe_trains_a_few_steps(example, tmp_path):
     assert all(r["gate_generator"] == 1.0 and r["gate_discriminator"] == 1.0 for r in train)
     assert all(r["loss_reconstruction"] > 0 and "loss_adversarial" in r for r in train)
     assert [e for e, _ in events] == ["run_start", "epoch_end", "run_end"]
-    assert events[0][1]["recipe"]["encoder"]["plugin"] == "patch_mlp"
-    assert events[1][1]["metrics"]["step"] == 3 and events[2][1]["summary"] == summary
+    assert events[0][1].recipe["encoder"]["plugin"] == "patch_mlp"
+    assert events[1][1].metrics["step"] == 3 and events[2][1].summary == summary

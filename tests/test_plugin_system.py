@@ -428,7 +428,8 @@ def test_every_hook_is_tested_and_documented():
         )
 
 
-def test_run_event_hook_sees_training_events(tmp_path, tiny_recipe):
+def test_typed_run_event_hooks_see_training_events(tmp_path, tiny_recipe):
+    from capsgan_toolkit import events as ev
     from capsgan_toolkit.recipe import resolve
     from capsgan_toolkit.trainer import Trainer
 
@@ -436,14 +437,40 @@ def test_run_event_hook_sees_training_events(tmp_path, tiny_recipe):
 
     class Observer:
         @capsgan_toolkit.hookimpl
-        def capsgan_run_event(self, event, payload):
-            seen.append((event, sorted(payload)))
+        def capsgan_run_start(self, event):
+            seen.append(event)
+
+        @capsgan_toolkit.hookimpl
+        def capsgan_epoch_end(self, event):
+            seen.append(event)
+
+        @capsgan_toolkit.hookimpl
+        def capsgan_checkpoint_saved(self, event):
+            seen.append(event)
+
+        @capsgan_toolkit.hookimpl
+        def capsgan_evaluation_done(self, event):
+            seen.append(event)
+
+        @capsgan_toolkit.hookimpl
+        def capsgan_run_end(self, event):
+            seen.append(event)
 
     loaded = load_plugins([])
     loaded.manager.register(Observer(), name="observer")
+    tiny_recipe["eval"] = {"every_epochs": 2, "metrics": ["acc", "rec"], "num_images": 16}
     resolved = resolve(tiny_recipe, loaded.registry)
     (tmp_path / "checkpoints").mkdir()
-    Trainer(resolved, loaded, tmp_path).fit()
-    events = [e for e, _ in seen]
-    assert events == ["run_start", "epoch_end", "epoch_end", "run_end"]
-    assert "metrics" in seen[1][1] and "summary" in seen[-1][1]
+    summary = Trainer(resolved, loaded, tmp_path).fit()
+    kinds = [type(e).__name__ for e in seen]
+    # Two 3-step epochs: a checkpoint after epoch 1 (and best.pt whenever validation accuracy improves),
+    # an evaluation after epoch 2, the final checkpoint, the end.
+    assert kinds[0] == "RunStart" and kinds[-2:] == ["CheckpointSaved", "RunEnd"]
+    assert [k for k in kinds if k in ("EpochEnd", "EvaluationDone")] == ["EpochEnd", "EvaluationDone", "EpochEnd"]
+    epochs = [e for e in seen if isinstance(e, ev.EpochEnd)]
+    assert [e.epoch for e in epochs] == [0, 1] and epochs[-1].metrics["step"] == 6
+    saved = [e for e in seen if isinstance(e, ev.CheckpointSaved)]
+    assert all(e.path.is_file() for e in saved) and saved[-1].path.name == "final.pt"
+    evaluation = next(e for e in seen if isinstance(e, ev.EvaluationDone))
+    assert "acc32_test" in evaluation.metrics and evaluation.protocol["acc32_test"]
+    assert seen[-1].summary == summary and seen[0].recipe["run"]["name"] == "tiny" and not seen[0].resumed

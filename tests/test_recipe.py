@@ -10,7 +10,7 @@ import pytest
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.recipe import apply_overrides, dumps_toml, load_recipe, parse_override, resolve
 
-from conftest import write_toml
+from helpers import write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 

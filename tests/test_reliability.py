@@ -38,7 +38,7 @@ from capsgan_toolkit.cli import cli
 from capsgan_toolkit.errors import CheckpointError
 from capsgan_toolkit.reporting import read_metrics
 
-from conftest import TINY_RECIPE, write_toml
+from helpers import TINY_RECIPE, write_toml
 
 TESTS = Path(__file__).resolve().parent
 FAULTS = "plugins_for_tests.faults"

@@ -37,15 +37,15 @@ from capsgan_toolkit import checkpoint as ckpt
 from capsgan_toolkit.cli import cli
 from capsgan_toolkit.errors import CheckpointError, RecipeError
 from capsgan_toolkit.plugin_manager import load_plugins
+from capsgan_toolkit.recipe import SLOTS as RECIPE_SLOTS
 from capsgan_toolkit.recipe import ComponentSpec, Recipe, dumps_toml, load_recipe, resolve
 
-from conftest import TINY_RECIPE, write_toml
+from helpers import TINY_RECIPE, write_toml
+from helpers import invoke as _invoke
 
 TESTS = Path(__file__).resolve().parent
 _REGISTRY = load_plugins().registry
-SLOTS = {"data": "dataset", "encoder": "encoder", "generator": "generator", "discriminator": "discriminator",
-         "gate": "gate", "losses.classification": "loss", "losses.reconstruction": "loss",
-         "losses.adversarial": "loss"}
+SLOTS = {key: family for key, family in RECIPE_SLOTS if key != "objective"}
 TALLY = {"malformed recipes": 0, "of them through the command line": 0, "bad checkpoints": 0,
          "other bad inputs": 0}
 EXAMPLES = settings(max_examples=250, deadline=None, derandomize=True, database=None,
@@ -64,7 +64,7 @@ def _report_tally(request):
 
 
 def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    return _invoke(*args, catch_exceptions=True)
 
 
 def _assert_clean_exit(result, code: int = 2) -> str:
@@ -191,7 +191,8 @@ def malformed_recipes(draw) -> tuple[str, dict, str]:
         _set(data, path, "zz" + draw(st.from_regex(r"[a-z_]{0,8}", fullmatch=True)))
         return kind, data, ".".join(path)
     role = draw(st.sampled_from(["classification", "reconstruction", "adversarial"]))
-    wrong = [c.name for c in _REGISTRY.components("loss") if c.role != role]
+    wrong = [c.name for family in ("classification_loss", "reconstruction_loss", "adversarial_loss")
+             if family != f"{role}_loss" for c in _REGISTRY.components(family)]
     _set(data, ("losses", role, "plugin"), draw(st.sampled_from(wrong)))
     return kind, data, f"losses.{role}.plugin"
 
