@@ -166,6 +166,8 @@ def compare_recipes(recipes: dict[str, list[dict[str, Any]]], allow: list[str] =
             differs = differs or any(len(v) > 1 for v in values.values())
         if differs:
             out.append(Difference(key, category(key), values, allowed=is_allowed(key, allow)))
+    rank = {"refused": 0, "allowed": 1, "meant": 2, "other": 3}
+    out.sort(key=lambda d: rank[d.status])  # the confounds first; stable, so keys stay sorted within
     return Fairness(out, allow)
 
 

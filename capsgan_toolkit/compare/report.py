@@ -169,10 +169,10 @@ def cell(entry: dict, arm: str) -> str:
     if s is None:
         return "-"
     name = entry["name"]
-    if s["ci95"]:
+    if s["ci95"] and s["ci95"][1] > s["ci95"][0]:
         half = (s["ci95"][1] - s["ci95"][0]) / 2
         return f"{fmt(s['mean'], name)} ± {fmt(half, name)}"
-    return fmt(s["mean"], name)
+    return fmt(s["mean"], name)  # one seed, or the same value on every seed
 
 
 def diff_cell(entry: dict, arm: str, ratio: bool = False) -> tuple[str, str]:
