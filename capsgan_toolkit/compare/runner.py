@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,38 +250,75 @@ class Runner:
                     progress.update(task, description=f"{job.name}: evaluating ({why})")
                     api.evaluate(job.path, sets=self._eval_sets())
                 progress.advance(task)
-                progress.console.print(f"  {job.name} done", highlight=False)
+                self._say(f"  {job.name} done")
 
-    def _worker(self, job: Job, state: str, why: str | None, device: str | None) -> tuple[Job, int, Path]:
-        sets, env = device_setup(device, self.jobs)
+    def _worker(self, job: Job, state: str, devices: "queue.Queue[str | None]", progress, task) -> tuple[Job, int, Path]:
         log = self.out / "logs" / f"{job.arm}-seed-{job.seed}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        steps = []
-        if state != "finished":
-            steps.append({"action": "train", "recipe": str(job.recipe), "out": str(job.path),
-                          "sets": [*job.sets, *sets], "resume": state == "unfinished"})
-        steps.append({"action": "evaluate", "run_dir": str(job.path), "sets": self._eval_sets(),
-                      "desired": job.desired})
-        with open(log, "a", encoding="utf-8") as fh:
-            proc = subprocess.run([sys.executable, "-m", "capsgan_toolkit.compare.worker", json.dumps(steps)],
-                                  stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        return job, proc.returncode, log
+        if self._stopping.is_set():
+            return job, 130, log
+        device = devices.get()  # a free device: two runs never share one while another idles
+        try:
+            if self._stopping.is_set():
+                return job, 130, log
+            sets, env = device_setup(device, self.jobs)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            steps = []
+            if state != "finished":
+                steps.append({"action": "train", "recipe": str(job.recipe), "out": str(job.path),
+                              "sets": [*job.sets, *sets], "resume": state == "unfinished"})
+            steps.append({"action": "evaluate", "run_dir": str(job.path), "sets": self._eval_sets(),
+                          "desired": job.desired})
+            with open(log, "a", encoding="utf-8") as fh, self._lock:
+                # Its own session: a Ctrl-C reaches this process only, which passes one SIGINT on,
+                # so each worker checkpoints and stops (a second SIGINT would make it stop at once).
+                proc = subprocess.Popen([sys.executable, "-m", "capsgan_toolkit.compare.worker", json.dumps(steps)],
+                                        stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                        start_new_session=True)
+                self._running[job.name] = proc
+            progress.update(task, description="running " + ", ".join(sorted(self._running)))
+            code = proc.wait()
+            with self._lock:
+                self._running.pop(job.name, None)
+            return job, code, log
+        finally:
+            devices.put(device)
+
+    def _stop_workers(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            running = list(self._running.values())
+        for proc in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in running:
+            proc.wait()
 
     def _run_workers(self, todo) -> None:
-        slots = self.devices or [None]
+        import queue
+
+        devices: queue.Queue = queue.Queue()
+        for i in range(self.jobs):
+            devices.put(self.devices[i % len(self.devices)] if self.devices else None)
+        self._stopping, self._lock, self._running = threading.Event(), threading.Lock(), {}
         failures = []
-        with self._progress() as progress, ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            task = progress.add_task(f"{self.jobs} at once", total=len(todo))
-            futures = [pool.submit(self._worker, job, state, why, slots[i % len(slots)])
-                       for i, (job, state, why) in enumerate(todo)]
-            for future in as_completed(futures):
-                job, code, log = future.result()
-                progress.advance(task)
-                if code == 0:
-                    progress.console.print(f"  {job.name} done", highlight=False)
-                else:
-                    failures.append((job, code, log))
-                    progress.console.print(f"  [red]{job.name} failed[/] (exit {code}); see {log}", highlight=False)
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
+            with self._progress() as progress:
+                task = progress.add_task(f"{self.jobs} at once", total=len(todo))
+                futures = [pool.submit(self._worker, job, state, devices, progress, task) for job, state, _ in todo]
+                for future in as_completed(futures):
+                    job, code, log = future.result()
+                    progress.advance(task)
+                    if code == 0:
+                        self._say(f"  {job.name} done")
+                    else:
+                        failures.append((job, code, log))
+                        self._say(f"  [red]{job.name} failed[/] (exit {code}); see {log}")
+        except BaseException:  # Ctrl-C: stop the running workers cleanly, start no new one
+            self._stop_workers()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         if failures:
             tails = []
             for job, code, log in failures:

@@ -33,6 +33,10 @@ def main(argv: list[str]) -> int:
     except CapsganError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except KeyboardInterrupt:  # before training installed its handlers: nothing to save yet
+        print("stopped: interrupted before the first checkpoint; the next run starts it again", file=sys.stderr,
+              flush=True)
+        return 130
     return 0
 
 
