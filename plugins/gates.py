@@ -59,6 +59,11 @@ class AccuracyBandGate(Gate):
         warmup_accuracy: float = Field(
             0.2, ge=0.0, le=1.0, description="Encoder training accuracy that ends the warm-up early."
         )
+        warmup_min_steps: int = Field(
+            20, ge=0,
+            description="Steps before warmup_accuracy can end the warm-up, so one lucky batch at chance "
+                        "level cannot (the running accuracy is a bias-corrected mean of recent batches).",
+        )
         generator_min_disc_acc: float = Field(
             0.5,
             ge=0.0,
@@ -91,15 +96,16 @@ class AccuracyBandGate(Gate):
     def decide(self, state: TrainState) -> Phases:
         """Return the phases for this step.
 
-        Warm-up (encoder only) until ``epoch >= warmup_epochs`` or
-        ``encoder_acc >= warmup_accuracy``; the end of warm-up latches. Afterwards
+        Warm-up (encoder only) until ``epoch >= warmup_epochs`` or, after at least
+        ``warmup_min_steps`` steps, ``encoder_acc >= warmup_accuracy``; the end of warm-up latches. Afterwards
         the generator trains while ``disc_acc >= generator_min_disc_acc`` and the
         discriminator while ``disc_acc <= discriminator_max_disc_acc``; both train
         while ``disc_acc`` is unknown.
         """
         p = self.params
         if not self.warmed_up:
-            if state.epoch >= p.warmup_epochs or state.encoder_acc >= p.warmup_accuracy:
+            by_accuracy = state.step >= p.warmup_min_steps and state.encoder_acc >= p.warmup_accuracy
+            if state.epoch >= p.warmup_epochs or by_accuracy:
                 self.warmed_up = True
             else:
                 return _WARMUP

@@ -17,7 +17,7 @@ G_ONLY = Phases(generator=True, discriminator=False)
 D_ONLY = Phases(generator=False, discriminator=True)
 
 
-def _state(epoch=0, encoder_acc=0.0, disc_acc=None, has_discriminator=True, step=0) -> TrainState:
+def _state(epoch=0, encoder_acc=0.0, disc_acc=None, has_discriminator=True, step=100) -> TrainState:
     return TrainState(
         epoch=epoch, step=step, encoder_acc=encoder_acc, disc_acc=disc_acc, has_discriminator=has_discriminator
     )
@@ -66,6 +66,17 @@ def test_accuracy_band_decisions(fields, expected):
 def test_accuracy_band_params_move_the_thresholds(params, fields, expected):
     epoch, encoder_acc, disc_acc, has_disc = fields
     assert _band(**params).decide(_state(epoch, encoder_acc, disc_acc, has_disc)) == expected
+
+
+def test_accuracy_cannot_end_the_warm_up_before_the_minimum_steps():
+    # One lucky batch at chance level (3.6 % likely at batch 32) must not end the encoder-only phase.
+    gate = _band(warmup_min_steps=20)
+    assert gate.decide(_state(0, 1.0, None, step=0)) == WARMUP
+    assert gate.decide(_state(0, 1.0, None, step=19)) == WARMUP
+    assert gate.decide(_state(0, 0.19, None, step=20)) == WARMUP
+    assert gate.decide(_state(0, 0.20, None, step=20)) == BOTH
+    # The epoch arm is not held back by the minimum.
+    assert _band(warmup_epochs=1, warmup_min_steps=10_000).decide(_state(1, 0.0, None, step=3)) == BOTH
 
 
 # One gate across consecutive calls: the warm-up ends at 20% encoder accuracy in epoch 1
