@@ -26,7 +26,6 @@ from capsgan_toolkit.interfaces import (
     AdversarialLoss, ClassificationLoss, DatasetParams, Discriminator, Encoder, EncoderParams, Gate, Generator, Params,
     Phases, ReconstructionLoss,
 )
-from capsgan_toolkit.objective import Objective
 from capsgan_toolkit.plugin_manager import load_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
