@@ -20,6 +20,7 @@ import torch
 from capsgan_toolkit import __version__
 from capsgan_toolkit import checkpoint as ckpt
 from capsgan_toolkit.build import Built, build, pick_device
+from capsgan_toolkit.ema import load_averaged
 from capsgan_toolkit.errors import CapsganError, CheckpointError, RecipeError
 from capsgan_toolkit.plugin_manager import PluginSet, load_plugins
 from capsgan_toolkit.recipe import ResolvedRecipe, apply_overrides, read_toml, resolve
@@ -132,6 +133,10 @@ class LoadedRun:
     plugins: PluginSet
     built: Built
     device: torch.device
+    weights: str = "raw"
+    """``"ema"`` when the models hold the checkpoint's averaged weights (``[ema]``), else ``"raw"``."""
+    ema: dict[str, Any] | None = None
+    """The averaging (decay, warmup, updates, models), when :attr:`weights` is ``"ema"``."""
 
     @property
     def run_dir(self) -> Path:
@@ -150,7 +155,8 @@ class LoadedRun:
 
 
 def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict[str, Any] | None = None,
-                 sets=(), device: str | None = None, inception_weights: str | None = None) -> LoadedRun:
+                 sets=(), device: str | None = None, inception_weights: str | None = None,
+                 use_ema: bool = True) -> LoadedRun:
     """Rebuild a trained run from its folder for evaluation or sampling.
 
     Args:
@@ -160,6 +166,7 @@ def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict
         sets: ``eval.key=value`` overrides; other keys would change the model and are refused.
         device: ``auto``/``cpu``/``cuda``/``mps`` (default: the recipe's run.device).
         inception_weights: a local Inception weights file; adds an ``inception`` extractor.
+        use_ema: load the checkpoint's averaged weights (``[ema]``) instead of the trained ones, when it has them.
     """
     rd = RunDir(run_dir)
     path = rd.checkpoint(checkpoint)
@@ -183,14 +190,17 @@ def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict
     try:
         for name, module in built.modules().items():
             module.load_state_dict(state["models"][name])
+        averaged = load_averaged(built.modules(), state.get("ema") if use_ema else None)
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path} does not fit the models of its own recipe ({str(exc).splitlines()[0]}); "
                               "the plugins changed since it was trained.") from None
     for module in built.modules().values():
         module.to(target).eval()
     position = state.get("position", {})
+    ema = ({k: v for k, v in state["ema"].items() if k != "models"} | {"models": averaged}) if averaged else None
     return LoadedRun(rd=RunDir(path.parent.parent), checkpoint=path, epoch=position.get("epoch", 0),
-                     step=position.get("step", 0), resolved=resolved, plugins=plugins, built=built, device=target)
+                     step=position.get("step", 0), resolved=resolved, plugins=plugins, built=built, device=target,
+                     weights="ema" if averaged else "raw", ema=ema)
 
 
 def evaluate(run_dir, *, checkpoint: str | None = None, metrics: list[str] | None = None,
@@ -220,7 +230,8 @@ def evaluate(run_dir, *, checkpoint: str | None = None, metrics: list[str] | Non
         "recipe_digest": run.resolved.digest(), "toolkit_version": __version__,
         "torch_fidelity_version": torch_fidelity.__version__, "device": str(run.device),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 2),
-        "eval": run.resolved.to_dict()["eval"], **report.to_dict(),
+        "eval": run.resolved.to_dict()["eval"], "weights": run.weights, **({"ema": run.ema} if run.ema else {}),
+        **report.to_dict(),
     }
     run.rd.write_eval(result, out)
     return result

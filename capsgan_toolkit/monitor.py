@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from capsgan_toolkit.build import count_parameters
+from capsgan_toolkit.ema import averaged
 from capsgan_toolkit.events import EvaluationDone, emit
 from capsgan_toolkit.reporting import plot_curves, read_metrics, save_grid, save_pairs, save_traversal
 
@@ -80,18 +81,22 @@ class Monitor:
 
     @torch.no_grad()
     def save_samples(self, epoch: int):
-        """Save real test images of every class above their reconstructions, or a grid of new images."""
+        """Save real test images of every class above their reconstructions, or a grid of new images.
+
+        With ``[ema]`` the averaged weights make the picture (swapped in and back out).
+        """
         obj, device, path = self.t.objective, self.t.device, self.t.rd.sample_file(epoch)
         images = torch.stack([self.t.test_set[i][0] for i in self.sample_indices]).to(device)
         labels = torch.tensor([int(self.t.test_set[i][1]) for i in self.sample_indices], device=device)
         obj.eval()
         try:
-            if obj.has_reconstruction:
-                return save_pairs(images, obj.reconstruct(images), path)
-            if obj.has_generation:
-                fixed = torch.Generator().manual_seed(self.recipe.run.seed + 12345)  # the same noise every epoch
-                fake = obj.generate(labels.cpu(), fixed)
-                return save_grid(fake, path, nrow=min(8, fake.shape[0]))
+            with averaged(getattr(self.t, "ema", None)):
+                if obj.has_reconstruction:
+                    return save_pairs(images, obj.reconstruct(images), path)
+                if obj.has_generation:
+                    fixed = torch.Generator().manual_seed(self.recipe.run.seed + 12345)  # the same noise every epoch
+                    fake = obj.generate(labels.cpu(), fixed)
+                    return save_grid(fake, path, nrow=min(8, fake.shape[0]))
         finally:
             obj.train()
         return None
@@ -101,7 +106,8 @@ class Monitor:
         if p.encoder is None or p.generator is None or not self.t.objective.has_reconstruction:
             return None
         batch = torch.stack([self.t.test_set[i][0] for i in self.sample_indices[:2]]).to(self.t.device)
-        return save_traversal(p.encoder, p.generator, batch, self.t.rd.traversal_file)
+        with averaged(getattr(self.t, "ema", None)):
+            return save_traversal(p.encoder, p.generator, batch, self.t.rd.traversal_file)
 
     def plot(self) -> None:
         plot_curves(read_metrics(self.t.rd.metrics_file), self.t.rd.curves_file, title=self.recipe.run.name)
@@ -120,7 +126,8 @@ class Monitor:
                 self._evaluator = Evaluator(self.t.resolved, self.t.plugins.registry, objective=self.t.objective,
                                             dataset=self.t.built.dataset, device=self.t.device,
                                             progress=self.console)
-            report = self._evaluator.run()
+            with averaged(getattr(self.t, "ema", None)):  # the averaged weights, when the run keeps them
+                report = self._evaluator.run()
         row = {"kind": "eval", "epoch": epoch, "step": step, **report.metrics}
         self.t.metrics.append(row)
         self.t.rd.write_eval_protocol({"epoch": epoch, "step": step, **report.to_dict()})

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capsgan_toolkit.catalogue import EVAL_METRICS, EvalSection  # noqa: F401  (both importable from here too)
+from capsgan_toolkit.ema import EmaSection
 from capsgan_toolkit.errors import RecipeError, RegistryError
 from capsgan_toolkit.optim import DivergenceSpec, OptimizerSpec
 from capsgan_toolkit.registry import Registry, suggest
@@ -135,6 +136,7 @@ class Recipe(_Strict):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     output: OutputSection = Field(default_factory=OutputSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    ema: EmaSection | None = Field(None, description="Exponential moving average of the generator (off when absent).")
 
     def spec(self, key: str) -> ComponentSpec | None:
         """Return the component table at a dotted slot key (``losses.adversarial``), or ``None``."""
@@ -307,6 +309,7 @@ def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrid
         objective = registry.get("objective", recipe.objective.plugin).cls
         errors.extend(_objective_errors(recipe, objective))
         optim = _resolve_optim(recipe, objective, data.get("optim") or {}, errors)
+    errors.extend((key, msg, _MISSING) for key, msg in (recipe.ema.check(recipe) if recipe.ema else []))
     if errors:
         raise RecipeError(_format_errors(errors, source, overrides))
     return ResolvedRecipe(recipe, params, source, optim)

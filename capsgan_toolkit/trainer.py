@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from capsgan_toolkit import __version__
 from capsgan_toolkit import checkpoint as ckpt
 from capsgan_toolkit.build import Built, build, pick_device
+from capsgan_toolkit.ema import EMA
 from capsgan_toolkit.errors import CheckpointError, Interrupted, NumericalError
 from capsgan_toolkit.events import CheckpointSaved, EpochEnd, RunEnd, RunStart, emit
 from capsgan_toolkit.interfaces import TrainState
@@ -80,6 +81,8 @@ class Trainer:
         for name, params in self.params.items():
             self.optimizers[name], self.schedulers[name] = build_optimizer(
                 resolved.optim[name], params, total_steps=self.total_steps)
+        self.ema = EMA.from_recipe(self.recipe.ema, self.built.parts, self.params)  # None without [ema]
+        self._update = self.ema.wrap(self.update) if self.ema is not None else self.update
         self.pos = Position(run.running_momentum)
         self.guard = DivergenceGuard(run.divergence)
         self.metrics = MetricsLog(self.rd.metrics_file)
@@ -106,7 +109,7 @@ class Trainer:
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "gate": self.built.gate.state_dict(), "guard": self.guard.state_dict(),
             "position": {k: pos.pop(k) for k in ("epoch", "batch_in_epoch", "step")},
-            "running": pos, "rng": rng_state(),
+            "running": pos, "rng": rng_state(), "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def _restore(self, state: dict[str, Any], path) -> None:
@@ -121,6 +124,8 @@ class Trainer:
                 opt.load_state_dict(state["optimizers"][name])
                 self.schedulers[name].load_state_dict(state["schedulers"][name])
             self.pos.load_state_dict({**state["position"], **state["running"]})
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path} does not fit the models of this recipe ({str(exc).splitlines()[0]}). "
                                   "It comes from another recipe or an incompatible version.") from None
@@ -192,7 +197,9 @@ class Trainer:
         phases = self.built.gate.decide(TrainState(
             epoch=pos.epoch, step=pos.step, encoder_acc=pos.encoder_acc.value or 0.0,
             disc_acc=pos.disc_acc.value, has_discriminator=self.built.parts.discriminator is not None))
-        result = self.objective.step(images, labels, phases, self.update)
+        result = self.objective.step(images, labels, phases, self._update)
+        if self.ema is not None:
+            self.ema.end_step()  # one EMA update per step that changed an averaged model
         with warnings.catch_warnings():  # every schedule advances each step, also when its optimizer sat out
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
             for sched in self.schedulers.values():
