@@ -184,7 +184,7 @@ def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict
 
         data["eval"] = add_inception(section, str(inception_weights))
     plugins = load_plugins(data.get("run", {}).get("plugins", []))
-    resolved = resolve(data, plugins.registry, source=f"{path} (the run's recipe)", overrides=applied)
+    resolved = resolve(data, plugins.registry, source=f"{path} (the run's recipe)", overrides=applied, training=False)
     target = pick_device(device or resolved.recipe.run.device)
     built = build(resolved, plugins, check=False)
     try:

@@ -31,13 +31,19 @@ class RunStart:
 
 @dataclass(frozen=True)
 class EpochEnd:
-    """An epoch ended; ``metrics`` is its metrics.jsonl row (kind "epoch")."""
+    """An epoch ended; ``metrics`` is its metrics.jsonl row (kind "epoch").
+
+    ``sample_file``: the epoch's sample picture, if one was saved. ``histograms``: name ->
+    values of the current models on the sample test images, such as ``capsule_length``
+    (every class capsule's length) and ``capsule_length_true_class``; empty without an encoder.
+    """
 
     run_dir: Path
     epoch: int
     step: int
     metrics: dict[str, Any]
     sample_file: Path | None = None
+    histograms: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,24 @@ class Monitor:
             obj.train()
         return None
 
+    @torch.no_grad()
+    def histograms(self) -> dict[str, list[float]]:
+        """Return the class capsules' lengths on the sample test images (all, and the true class's)."""
+        encoder = self.t.built.parts.encoder
+        if encoder is None or not self.sample_indices:
+            return {}
+        images = torch.stack([self.t.test_set[i][0] for i in self.sample_indices]).to(self.t.device)
+        labels = torch.tensor([int(self.t.test_set[i][1]) for i in self.sample_indices])
+        mode = encoder.training
+        encoder.eval()
+        try:
+            with averaged(getattr(self.t, "ema", None)):
+                lengths = encoder.class_scores(encoder(images)).float().cpu()
+        finally:
+            encoder.train(mode)
+        return {"capsule_length": lengths.flatten().tolist(),
+                "capsule_length_true_class": lengths.gather(1, labels[:, None]).flatten().tolist()}
+
     def save_traversal(self):
         p = self.t.built.parts
         if p.encoder is None or p.generator is None or not self.t.objective.has_reconstruction:

@@ -17,6 +17,7 @@ key, the bad value and what is allowed; the second pass runs once the first is c
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import tomllib
 from pathlib import Path
@@ -102,6 +103,7 @@ class CheckpointSection(_Strict):
 class OutputSection(_Strict):
     samples_every_epochs: int = Field(1, ge=1, description="Epochs between sample grids.")
     sample_images: int = Field(16, ge=1, le=256, description="Real/reconstruction pairs in a sample grid.")
+    tensorboard: bool = Field(False, description="Write TensorBoard events to RUN_DIR/tensorboard/ (the tensorboard extra).")
 
 
 SLOTS: tuple[tuple[str, str], ...] = (
@@ -276,8 +278,11 @@ def read_toml(path: str | Path) -> dict:
         raise RecipeError(f"{path}: not valid TOML: {message}. Fix the syntax at that line and column.") from None
 
 
-def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrides: dict[str, str] | None = None) -> ResolvedRecipe:
+def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrides: dict[str, str] | None = None,
+            training: bool = True) -> ResolvedRecipe:
     """Validate a raw recipe dict in both passes and return a :class:`ResolvedRecipe`.
+
+    ``training``: also check the packages training needs (``output.tensorboard``); off for a trained run.
 
     Raises:
         RecipeError: listing every problem with its dotted key.
@@ -310,6 +315,9 @@ def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrid
         errors.extend(_objective_errors(recipe, objective))
         optim = _resolve_optim(recipe, objective, data.get("optim") or {}, errors)
     errors.extend((key, msg, _MISSING) for key, msg in (recipe.ema.check(recipe) if recipe.ema else []))
+    if training and recipe.output.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        errors.append(("output.tensorboard", 'needs the tensorboard package, which is not installed here: '
+                       'pip install "capsgan-toolkit[tensorboard]" (or set output.tensorboard = false)', True))
     if errors:
         raise RecipeError(_format_errors(errors, source, overrides))
     return ResolvedRecipe(recipe, params, source, optim)

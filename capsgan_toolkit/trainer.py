@@ -319,7 +319,8 @@ class Trainer:
         if every and done % every == 0 and not last:
             self._save_periodic()
         self.monitor.say_epoch(row)
-        emit(self.plugins.manager, EpochEnd(self.rd.path, row["epoch"], row["step"], row, sample))
+        emit(self.plugins.manager, EpochEnd(self.rd.path, row["epoch"], row["step"], row, sample,
+                                            self.monitor.histograms()))
         if self._stop_signal is not None and not last:
             self._interrupt()  # the signal came during the end-of-epoch work
 
