@@ -51,6 +51,8 @@ class _Logger:
         self.metrics_file = run_dir / "metrics.jsonl"
         self.seen: set[int] = set()
         self.last_step, self.inode, self.offset = -1, None, 0
+        if not self.log_dir.is_dir():  # a new run, or one resumed with tensorboard newly turned on: log every row
+            resumed_at = None
         # A resume purges what the stopped attempt logged after its checkpoint.
         self.writer = self._open(None if resumed_at is None else resumed_at + 1)
         if resumed_at is not None:

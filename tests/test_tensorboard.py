@@ -86,6 +86,13 @@ def _start(run_dir: Path, *, resumed: bool, step: int) -> None:
     tensorboard_logger.capsgan_run_start(RunStart(run_dir, recipe, resumed, 0, step))
 
 
+def test_turned_on_at_a_resume_it_logs_the_earlier_rows_too(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(_row(s, float(s)) for s in range(1, 4)))
+    _start(tmp_path, resumed=True, step=3)
+    tensorboard_logger.capsgan_run_end(RunEnd(tmp_path, {}))
+    assert _steps(_events(tmp_path), "train/loss_classification") == [1, 2, 3]
+
+
 def test_steps_after_the_resumed_checkpoint_are_purged_and_logged_once(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(_row(s, float(s)) for s in range(1, 6)))
