@@ -23,6 +23,7 @@ from capsgan_toolkit.errors import CapsganError, Interrupted
 from capsgan_toolkit.plugin_manager import load_plugins
 from capsgan_toolkit.recipe import dumps_toml
 from capsgan_toolkit.rundir import RunDir
+from capsgan_toolkit.scaffold import new_plugin_command
 
 _STRICT = option("--strict-plugins", is_flag=True, default=False,
                  help="Treat a broken plugin or a plugin warning as an error (also: CAPSGAN_STRICT_PLUGINS=1).")
@@ -73,29 +74,110 @@ def plugins(family, params, as_json, strict_plugins):
                                      for c in loaded.registry.components(fam)] for fam in families}, indent=2))
         return
     for fam in families:
-        table = Table(title=f"{fam} ({len(loaded.registry.list(fam))})", title_justify="left", show_lines=params)
-        table.add_column("name", style="bold cyan", no_wrap=True)
-        table.add_column("source")
-        table.add_column("description")
-        if params:
-            table.add_column("params (default)")
+        title = f"{fam} ({len(loaded.registry.list(fam))})"
+        if not params:
+            table = Table(title=title, title_justify="left")
+            table.add_column("name", style="bold cyan", no_wrap=True)
+            table.add_column("source")
+            table.add_column("description")
+            for comp in loaded.registry.components(fam):
+                table.add_row(Text(comp.name), Text(f"{comp.source} ({loaded.sources.get(comp.source, '?')})"),
+                              Text(comp.description))
+            console.print(table)
+            continue
+        # One block per component and one line per param, wrapped with a hanging indent, so it reads
+        # at 80 columns: a param's name, default and constraints are never cut.
+        console.print(Text(title, style="bold"), highlight=False)
         for comp in loaded.registry.components(fam):
-            row = [Text(comp.name), Text(f"{comp.source} ({loaded.sources.get(comp.source, '?')})"),
-                   Text(comp.description)]
-            if params:
-                row.append(Text(_describe_params(comp.params_model)))
-            table.add_row(*row)
-        console.print(table)
+            head = Text.assemble("  ", (comp.name, "bold cyan"),
+                                 f"  {comp.source} ({loaded.sources.get(comp.source, '?')})")
+            console.print(head, highlight=False, soft_wrap=True)
+            for line in _wrap(comp.description, 4, 6):
+                console.print(Text(line, style="italic"), highlight=False, soft_wrap=True)
+            for key, line in _param_lines(comp.params_model):
+                text = Text(line)
+                text.stylize("cyan", 4, 4 + len(key))
+                console.print(text, highlight=False, soft_wrap=True)
+        console.print()
 
 
-def _describe_params(model) -> str:
-    lines = []
+_NBSP = "\u00a0"
+
+
+def _wrap(text: str, indent: int, hanging: int, keep: str = "") -> list[str]:
+    """Wrap ``keep + text`` to the console's width; ``keep`` (name, default, constraints) is never split."""
+    import textwrap
+
+    width = max(40, console.width)
+    lines = textwrap.wrap(keep.replace(" ", _NBSP) + text, width=width, initial_indent=" " * indent,
+                          subsequent_indent=" " * hanging, break_long_words=False, break_on_hyphens=False)
+    return [line.replace(_NBSP, " ") for line in lines] or [" " * indent]
+
+
+def _param_lines(model) -> list[tuple[str, str]]:
+    """``(key, text)`` per param: ``name = default  [constraints]  description``, wrapped."""
+    if not model.model_fields:
+        return [("", "    (no params)")]
+    out = []
     for name, field in model.model_fields.items():
         key = field.alias or name
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        note = f"  # {field.description}" if field.description else ""
-        lines.append(f"{key} = {default}{note}")
-    return "\n".join(lines) or "-"
+        keep = f"{key} = {_default(field)}" + "".join(f"  [{c}]" for c in _constraints(field))
+        for i, line in enumerate(_wrap(field.description or "", 4, 8, keep + ("  " if field.description else ""))):
+            out.append((key if i == 0 else "", line.rstrip()))
+    return out
+
+
+def _toml(value) -> str:
+    """A value as a recipe writes it: ``true``, ``"text"``, ``[0.5, 0.999]``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "(required)"
+    value = field.get_default(call_default_factory=True)
+    return "(unset)" if value is None else _toml(value)
+
+
+def _constraints(field) -> list[str]:
+    """Bounds as ``0 < x <= 1`` and the choices of a Literal as ``"a" | "b"``."""
+    import typing
+
+    bounds = {}
+    for meta in field.metadata:
+        for attr in ("gt", "ge", "lt", "le", "min_length", "max_length", "multiple_of"):
+            if getattr(meta, attr, None) is not None:
+                bounds[attr] = getattr(meta, attr)
+    out = []
+    low = next(((op, bounds[a]) for a, op in (("gt", "<"), ("ge", "<=")) if a in bounds), None)
+    high = next(((op, bounds[a]) for a, op in (("lt", "<"), ("le", "<=")) if a in bounds), None)
+    if low and high:
+        out.append(f"{_toml(low[1])} {low[0]} x {high[0]} {_toml(high[1])}")
+    elif low:
+        out.append(f"x {'>' if low[0] == '<' else '>='} {_toml(low[1])}")
+    elif high:
+        out.append(f"x {high[0]} {_toml(high[1])}")
+    if "min_length" in bounds or "max_length" in bounds:
+        out.append(f"{bounds.get('min_length', 0)} <= length" + (f" <= {bounds['max_length']}"
+                                                                  if "max_length" in bounds else ""))
+    if "multiple_of" in bounds:
+        out.append(f"multiple of {_toml(bounds['multiple_of'])}")
+
+    def choices(annotation) -> list:
+        if typing.get_origin(annotation) is typing.Literal:
+            return list(typing.get_args(annotation))
+        return [c for arg in typing.get_args(annotation) for c in choices(arg)]
+
+    found = choices(field.annotation)
+    if found:
+        out.append(" | ".join(_toml(c) for c in found))
+    return out
 
 
 @cli.command()
@@ -137,6 +219,7 @@ def run(recipe, out, sets, resume, overwrite, quiet, strict_plugins):
 
 cli.add_command(eval_command)
 cli.add_command(sample_command)
+cli.add_command(new_plugin_command)
 
 
 def _add_compare() -> None:
