@@ -279,8 +279,8 @@ def new_plugin_command(name, family, out):
     module = f"capsgan_{name}"
     shown = str(folder) if folder.is_absolute() else f"./{folder}"  # pip reads "enc[test]" as a project name
     console.print(f"Wrote [bold]{folder}[/]: the {family} \"{name}\" ({module}/__init__.py), pyproject.toml, "
-                  f"tests/test_{name}.py, recipes/{name}_quickstart.toml, README.md.", highlight=False)
+                  f"tests/test_{name}.py, recipes/{name}_quickstart.toml, README.md.", highlight=False, soft_wrap=True)
     console.print("Next:\n"
                   f"  pip install -e '{shown}[test]'   # registers it (entry point group \"capsgan\")\n"
                   f"  cd {shown} && pytest\n"
-                  f"  capsgan run recipes/{name}_quickstart.toml", highlight=False, markup=False)
+                  f"  capsgan run recipes/{name}_quickstart.toml", highlight=False, markup=False, soft_wrap=True)
