@@ -19,6 +19,7 @@ from rich.text import Text
 from capsgan_toolkit import __version__, api
 from capsgan_toolkit.cli_common import abort, console, friendly, option, warn
 from capsgan_toolkit.cli_eval import eval_command, sample_command
+from capsgan_toolkit.compare.command import compare_command
 from capsgan_toolkit.errors import CapsganError, Interrupted
 from capsgan_toolkit.plugin_manager import load_plugins
 from capsgan_toolkit.recipe import dumps_toml
@@ -222,15 +223,7 @@ cli.add_command(sample_command)
 cli.add_command(new_plugin_command)
 
 
-def _add_compare() -> None:
-    try:
-        from capsgan_toolkit.compare.command import compare_command
-    except ImportError:  # pragma: no cover - compare not installed in this build
-        return
-    cli.add_command(compare_command)
-
-
-_add_compare()
+cli.add_command(compare_command)
 
 
 def main(argv=None):

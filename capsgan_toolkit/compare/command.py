@@ -22,28 +22,12 @@ from rich.console import Console
 from rich.text import Text
 
 from capsgan_toolkit.compare.collect import RunRecord, fairness_recipe, protocol_differences, read_run
-from capsgan_toolkit.compare.fairness import Fairness, compare_recipes, flatten
+from capsgan_toolkit.compare.fairness import compare_recipes, flatten
+from capsgan_toolkit.compare.outputs import write_outputs
 from capsgan_toolkit.compare.spec import CompareError
 from capsgan_toolkit.errors import CapsganError, Interrupted
 
 option = functools.partial(click.option, show_default=True)
-
-
-def write_outputs(arms: dict[str, list[RunRecord]], out: Path, *, baseline: str, fairness: Fairness, title: str,
-                  description: str = "", budget: str = "", source: str = "", arm_info: dict | None = None,
-                  console: Console | None = None) -> dict[str, Any]:
-    """Compute the comparison and write compare.json, compare.md and compare.html into ``out``."""
-    from capsgan_toolkit.compare import html, report
-
-    out.mkdir(parents=True, exist_ok=True)
-    data = report.build_report(arms, baseline=baseline, fairness=fairness, title=title, description=description,
-                               budget=budget, source=source, arm_info=arm_info)
-    paths = [report.write_json(data, out / "compare.json"), report.write_markdown(data, out / "compare.md"),
-             html.write_html(data, arms, out / "compare.html")]
-    if console is not None:
-        report.print_terminal(data, console)
-        console.print("Wrote " + ", ".join(str(p) for p in paths), highlight=False)
-    return data
 
 
 # ------------------------------------------------------------------ existing run folders

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -294,7 +295,7 @@ class Runner:
             proc.wait()
 
     def _run_workers(self, todo) -> None:
-        import queue
+
 
         devices: queue.Queue = queue.Queue()
         for i in range(self.jobs):
@@ -330,7 +331,7 @@ class Runner:
     # ------------------------------------------------------------------ the report
 
     def write_report(self) -> dict[str, Any]:
-        from capsgan_toolkit.compare.command import write_outputs
+        from capsgan_toolkit.compare.outputs import write_outputs
 
         missing = [job for job in self.grid if not RunDir(job.path).is_finished()
                    or needs_evaluation(RunDir(job.path), job.desired)]

@@ -1,0 +1,28 @@
+"""Write a comparison's outputs: compare.json, compare.md, compare.html and the terminal table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from capsgan_toolkit.compare.collect import RunRecord
+from capsgan_toolkit.compare.fairness import Fairness
+
+
+def write_outputs(arms: dict[str, list[RunRecord]], out: Path, *, baseline: str, fairness: Fairness, title: str,
+                  description: str = "", budget: str = "", source: str = "", arm_info: dict | None = None,
+                  console: Console | None = None) -> dict[str, Any]:
+    """Compute the comparison and write compare.json, compare.md and compare.html into ``out``."""
+    from capsgan_toolkit.compare import html, report  # matplotlib and jinja2 load only when a report is written
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = report.build_report(arms, baseline=baseline, fairness=fairness, title=title, description=description,
+                               budget=budget, source=source, arm_info=arm_info)
+    paths = [report.write_json(data, out / "compare.json"), report.write_markdown(data, out / "compare.md"),
+             html.write_html(data, arms, out / "compare.html")]
+    if console is not None:
+        report.print_terminal(data, console)
+        console.print("Wrote " + ", ".join(str(p) for p in paths), highlight=False)
+    return data
