@@ -27,10 +27,14 @@ from capsgan_toolkit.errors import CheckpointError, Interrupted, NumericalError
 from capsgan_toolkit.events import CheckpointSaved, EpochEnd, RunEnd, RunStart, emit
 from capsgan_toolkit.interfaces import TrainState
 from capsgan_toolkit.monitor import Monitor
-from capsgan_toolkit.optim import DivergenceGuard, build_optimizer, clip_gradients
+from capsgan_toolkit.optim import DivergenceGuard, build_optimizer, clip_gradients, scale_learning_rates
 from capsgan_toolkit.reporting import MetricsLog
 from capsgan_toolkit.rundir import RunDir
 from capsgan_toolkit.training_state import Position, epoch_permutation, rng_state, set_rng_state, split_train_val
+
+class _RolledBack(Exception):
+    """The divergence guard restored an earlier checkpoint: the epoch restarts from its position."""
+
 
 # Which recipe table a logged loss term comes from, and what it trains (for NaN messages).
 _TERMS = {"classification": ("classification", "encoder"), "reconstruction": ("reconstruction", "encoder and generator"),
@@ -60,7 +64,8 @@ class Trainer:
                 module.to(self.device)
         self.flops_per_image = _count_flops(self.built)
         train = self.built.dataset.split("train")
-        kept, held = split_train_val(len(train), run.val_fraction, run.seed)
+        fraction = run.val_fraction if self.objective.has_classifier else 0.0  # held out only to choose best.pt
+        kept, held = split_train_val(len(train), fraction, run.seed)
         self.train_set = Subset(train, kept) if held else train
         self.val_set = Subset(train, held) if held else None
         self.test_set = self.built.dataset.split("test")
@@ -225,9 +230,27 @@ class Trainer:
         self.last_phases = phases
 
     def _divergence(self, event: dict[str, Any]) -> None:
+        """Record a divergence; with ``action = "rollback"``, go back to the last checkpoint at a lower rate."""
         self.metrics.append({"kind": "event", "epoch": self.pos.epoch, **event})
         if self.console is not None:
             self.console.print(f"[yellow]warning:[/] {event.get('message', event)}", highlight=False)
+        if event.get("action") != "rollback":
+            return
+        last = ckpt.latest(self.rd.checkpoints_dir)
+        state = ckpt.load_checkpoint(last, self.device) if last is not None else None
+        if state is not None:
+            guard = dict(self.guard.state_dict())
+            self._restore(state, last)  # models, optimizers, schedulers, position, gate, RNG, metrics rows
+            self.guard.load_state_dict(guard)
+        factor = self.guard.rollback(state["guard"] if state is not None else None)
+        scale_learning_rates(self.optimizers, self.schedulers, factor)
+        self.metrics.append({"kind": "event", "event": "rollback", "epoch": self.pos.epoch, "step": self.pos.step,
+                             "diverged_at_step": event.get("step"), "checkpoint": last.name if last else None,
+                             "lr_scale": self.guard.lr_scale})
+        if self.console is not None:
+            where = f"checkpoint {last.name} (step {self.pos.step})" if last else "the current weights (no checkpoint yet)"
+            self.console.print(f"  rolled back to {where}; learning rates x{self.guard.lr_scale:g}", highlight=False)
+        raise _RolledBack
 
     def _log_interval(self) -> dict[str, Any]:
         pos, acc = self.pos, self.pos.interval
@@ -253,7 +276,11 @@ class Trainer:
                 task = progress.add_task("train", total=self.total_steps, status="",
                                          completed=pos.epoch * self.batches_per_epoch + pos.batch_in_epoch)
                 while pos.epoch < run.epochs and self.stopped_by is None:
-                    self._run_epoch(progress, task)
+                    try:
+                        self._run_epoch(progress, task)
+                    except _RolledBack:  # the position went back: continue from there
+                        progress.update(task, completed=pos.epoch * self.batches_per_epoch + pos.batch_in_epoch)
+                        continue
                     self._end_epoch()
         finally:
             for sig, old in previous.items():
