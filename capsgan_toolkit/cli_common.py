@@ -53,4 +53,4 @@ def friendly(func):
 
 
 def warn(line: str) -> None:
-    err_console.print("[yellow]warning:[/] ", Text(line), highlight=False, soft_wrap=True)
+    err_console.print("[yellow]warning:[/]", Text(line), highlight=False, soft_wrap=True)

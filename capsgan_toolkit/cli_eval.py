@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from capsgan_toolkit.cli_common import DEVICES, console, friendly, option
-from capsgan_toolkit.recipe import EVAL_METRICS
+from capsgan_toolkit.catalogue import EVAL_METRICS
 
 
 def _metric_list(text: str | None) -> list[str] | None:

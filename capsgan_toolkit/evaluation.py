@@ -63,12 +63,9 @@ def data_id(resolved: ResolvedRecipe) -> str:
 
 
 def build_extractors(resolved: ResolvedRecipe, registry: Registry, info) -> dict[str, FeatureExtractor]:
-    """Build the recipe's ``eval.features`` extractors, by label."""
-    out = {}
-    for label, spec in resolved.recipe.eval.features.items():
-        comp = registry.get("metric_features", spec.plugin)
-        out[label] = comp.cls(resolved.params[f"eval.features.{label}"], info=info)
-    return out
+    """Build the recipe's ``eval.features`` extractors, by label (through the registry, as every component)."""
+    return {label: registry.create("metric_features", spec.plugin, resolved.params[f"eval.features.{label}"], info=info)
+            for label, spec in resolved.recipe.eval.features.items()}
 
 
 def preflight(resolved: ResolvedRecipe, registry: Registry, info) -> None:

@@ -293,17 +293,16 @@ class FeatureExtractor:
     Args:
         params: the component's validated ``Params``.
         info: the data set's :class:`DatasetInfo`.
-        inception_weights: a local Inception weights file given by the recipe
-            (``eval.inception_weights``) or ``--inception-weights``; ``None`` if none.
-            Only Inception-based extractors use it.
+
+    An extractor that needs a weights file takes it as one of its own params (the Inception
+    extractors' ``weights``; ``capsgan eval --inception-weights`` fills it in).
     """
 
     Params: ClassVar[type[Params]] = Params
 
-    def __init__(self, params: Params, *, info: DatasetInfo, inception_weights: str | None = None):
+    def __init__(self, params: Params, *, info: DatasetInfo):
         self.params = params
         self.info = info
-        self.inception_weights = inception_weights
 
     def check(self) -> None:
         """Raise a CapsganError now if the extractor cannot run later (weights missing offline)."""

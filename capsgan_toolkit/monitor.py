@@ -11,7 +11,7 @@ import resource
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from capsgan_toolkit.build import count_parameters
 from capsgan_toolkit.ema import averaged

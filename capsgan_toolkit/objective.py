@@ -75,7 +75,6 @@ class Objective:
             :data:`PART_KEYS` the objective uses; a recipe giving any other is refused.
         optimizers: optimizer name -> default learning rate and betas; the recipe's
             ``[optim.<name>]`` tables may change them and no other name is accepted.
-        uses_encoder_accuracy: whether gates that read the encoder's accuracy make sense.
 
     Args:
         params: the objective's validated ``Params`` (its ``[objective]`` table).
@@ -87,7 +86,6 @@ class Objective:
     Params: ClassVar[type[Params]] = Params
     parts: ClassVar[dict[str, bool]] = {}
     optimizers: ClassVar[dict[str, dict]] = {}
-    uses_encoder_accuracy: ClassVar[bool] = False
     has_classifier: ClassVar[bool] = False
     has_reconstruction: ClassVar[bool] = False
     has_generation: ClassVar[bool] = False
@@ -111,9 +109,6 @@ class Objective:
              update: Update) -> StepResult:  # pragma: no cover - interface
         """Run one training step on a batch, calling ``update`` for each optimizer step."""
         raise NotImplementedError
-
-    def check_parts(self, batch: int = 2) -> None:
-        """Raise a ContractError if a part returns the wrong shape (the engine calls this once)."""
 
     # ---------------------------------------------------------------- a trained model
 

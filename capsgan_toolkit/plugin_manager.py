@@ -62,10 +62,6 @@ class PluginSet:
     """One line each: a plugin that registers nothing, an unknown hook, a name clash."""
     modules: dict[str, str] = field(default_factory=dict)  # plugin name -> module name
 
-    def emit(self, event: str, payload: dict) -> None:
-        """Tell every plugin observing run events about ``event`` (the untyped hook the typed events replace)."""
-        self.manager.hook.capsgan_run_event(event=event, payload=payload)
-
     def problems(self) -> list[str]:
         """Every broken plugin and every warning, one sentence each."""
         return [f"{b.describe()}." for b in self.broken] + list(self.warnings)

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from capsgan_toolkit.catalogue import EVAL_METRICS, EvalSection  # noqa: F401  (both importable from here too)
 from capsgan_toolkit.ema import EmaSection
 from capsgan_toolkit.errors import RecipeError, RegistryError
+from capsgan_toolkit.toml_io import dumps_toml, read_toml  # noqa: F401  (dumps_toml: importable from here too)
 from capsgan_toolkit.optim import DivergenceSpec, OptimizerSpec
 from capsgan_toolkit.registry import Registry, suggest
 
@@ -210,7 +211,7 @@ _MISSING = object()
 def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str, Any]]:
     out = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        loc = ".".join(str(p) for p in err["loc"])
         key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -256,26 +257,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict[str, str]:
         node[parts[-1]] = value
         applied[key] = text.split("=", 1)[1]
     return applied
-
-
-def read_toml(path: str | Path) -> dict:
-    """Read a TOML file, turning every failure into a RecipeError naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file. Check the path (recipes live in recipes/).") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read the recipe: {exc}.") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        if "(at end of document)" in message:  # tomllib gives no line and column there
-            lines = text.split("\n")
-            message = message.replace("(at end of document)",
-                                      f"(at line {len(lines)}, column {len(lines[-1]) + 1}: the end of the file)")
-        raise RecipeError(f"{path}: not valid TOML: {message}. Fix the syntax at that line and column.") from None
 
 
 def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrides: dict[str, str] | None = None,
@@ -334,7 +315,7 @@ def _objective_errors(recipe: Recipe, objective) -> list[tuple[str, str, Any]]:
             errors.append((key, f'the "{name}" objective uses no [{key}]; remove it (or choose another objective)',
                            _MISSING))
         elif objective.parts.get(key) and not present:
-            errors.append((key, f'the "{name}" objective needs a [{key}] table', _MISSING))
+            errors.append((key, f'the "{name}" objective needs the [{key}] table', _MISSING))
     check = getattr(objective, "check_recipe", None)
     if check is not None:
         errors.extend((key, msg, _MISSING) for key, msg in check(recipe))
@@ -375,41 +356,3 @@ def load_recipe(path: str | Path, registry: Registry, overrides: list[str] | Non
     data = read_toml(path)
     applied = apply_overrides(data, overrides or [])
     return resolve(data, registry, source=str(path), overrides=applied)
-
-
-def dumps_toml(data: dict, _prefix: str = "") -> str:
-    """Write a dict of plain values as TOML (enough for resolved recipes)."""
-    scalars, tables = [], []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        else:
-            scalars.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    out = []
-    if _prefix and scalars:
-        out.append(f"[{_prefix}]")
-    out.extend(scalars)
-    for key, value in tables:
-        name = f"{_prefix}.{_toml_key(key)}" if _prefix else _toml_key(key)
-        block = dumps_toml(value, name) or f"[{name}]"  # an empty table still says it is there
-        out.append("")
-        out.append(block)
-    return "\n".join(out).strip("\n")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if value is None:
-        raise ValueError("TOML has no null")
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")

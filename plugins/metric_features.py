@@ -253,7 +253,7 @@ class Inception(FeatureExtractor):
     Params = InceptionParams
 
     def _weights(self) -> Path:
-        given = self.params.weights or self.inception_weights  # the latter: the base class's legacy argument
+        given = self.params.weights
         if given:
             path = Path(given).expanduser()
             _check_inception_file(path, "the inception extractor's weights param / --inception-weights")

@@ -73,7 +73,6 @@ class ReconstructionGAN(Objective):
         "losses.classification": True, "losses.reconstruction": False, "losses.adversarial": False,
     }
     optimizers: ClassVar[dict[str, dict]] = {"encoder_generator": {"lr": 1e-4}, "discriminator": {"lr": 1e-5}}
-    uses_encoder_accuracy = True
     has_classifier = has_reconstruction = has_generation = True
 
     @classmethod
@@ -258,7 +257,6 @@ class ClassifierObjective(Objective):
 
     parts: ClassVar[dict[str, bool]] = {"encoder": True, "losses.classification": True}
     optimizers: ClassVar[dict[str, dict]] = {"encoder": {"lr": 1e-3, "betas": (0.9, 0.999)}}
-    uses_encoder_accuracy = True
     has_classifier = True
 
     def optimizer_parameters(self):

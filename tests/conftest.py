@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from capsgan_toolkit.plugin_manager import load_plugins
-from helpers import TINY_RECIPE, write_toml  # noqa: F401  (one copy, in helpers; re-exported)
+from helpers import TINY_RECIPE
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

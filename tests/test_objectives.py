@@ -68,7 +68,7 @@ def test_a_recipe_must_fit_its_objective(registry):
         resolve(dcgan_with_encoder, registry)
     missing = copy.deepcopy(CLASSIFIER)
     del missing["encoder"]
-    with pytest.raises(RecipeError, match=r'encoder: the "classifier" objective needs a \[encoder\] table'):
+    with pytest.raises(RecipeError, match=r'encoder: the "classifier" objective needs the \[encoder\] table'):
         resolve(missing, registry)
     bad_optim = copy.deepcopy(CLASSIFIER)
     bad_optim["optim"] = {"encoder_generator": {"lr": 1e-3}}
@@ -176,7 +176,10 @@ class _WrongShapeEncoder(Encoder):
         return self.linear(images.flatten(1))
 
 
-def test_a_wrong_shape_encoder_is_named_before_any_run_folder_exists(plugins, tmp_path):
+def test_a_wrong_shape_encoder_is_named_before_any_run_folder_exists(tmp_path):
+    from capsgan_toolkit.plugin_manager import load_plugins
+
+    plugins = load_plugins()  # its own: the session's shared plugin set stays as installed
     plugins.registry.current_source = "wrong_shape_test"
     try:
         plugins.registry.register("encoder", "wrong_shape", _WrongShapeEncoder)

@@ -147,8 +147,9 @@ def _training_state(path: Path) -> dict:
     state = ckpt.load_checkpoint(path)
     running = dict(state["running"])
     running.pop("elapsed")
-    running["accumulator"] = {k: v for k, v in running["accumulator"].items() if k not in ("time",)}
-    return {"models": state["models"], "optimizers": state["optimizers"], "gate": state["gate"],
+    running["interval"] = {k: v for k, v in running["interval"].items() if k not in ("time",)}
+    return {"models": state["models"], "optimizers": state["optimizers"], "schedulers": state["schedulers"],
+            "gate": state["gate"], "guard": state["guard"],
             "position": state["position"], "running": running, "rng": state["rng"],
             "recipe_digest": state["recipe_digest"]}
 

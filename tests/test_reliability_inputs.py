@@ -28,13 +28,11 @@ from pathlib import Path
 import pytest
 import torch
 from annotated_types import Ge, Gt, Le, Lt
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from capsgan_toolkit import checkpoint as ckpt
-from capsgan_toolkit.cli import cli
 from capsgan_toolkit.errors import CheckpointError, RecipeError
 from capsgan_toolkit.plugin_manager import load_plugins
 from capsgan_toolkit.recipe import SLOTS as RECIPE_SLOTS

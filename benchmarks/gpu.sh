@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One prepared GPU check (run from the repository root on a machine with a CUDA GPU).
+#
+# It trains, on CUDA, one epoch of each of: the quickstart recipe; the paper's MNIST CapsNet
+# (recipes/capsgan_mnist.toml's model) on 60,000 built-in 28 x 28 glyphs; the report's CIFAR-10
+# model with 64 primary types (recipes/capsgan_cifar.toml's model) on 50,000 built-in 32 x 32 RGB
+# glyphs (the built-in data needs no download, so the epoch sizes match MNIST's and CIFAR-10's);
+# and the plain DCGAN baseline on the same CIFAR-size data. It prints the card's name and, per run,
+# the training seconds per epoch and images/s from each run's summary.json.
+#
+# Usage: bash benchmarks/gpu.sh [OUT_DIR]    (extra wheels, if the machine lacks a dependency, in .whl/)
+# A dry run of the script itself on a CPU: CAPSGAN_GPU_DEVICE=cpu CAPSGAN_GPU_QUICK=1 bash benchmarks/gpu.sh
+set -euo pipefail
+out="${1:-${OUT:-/tmp/capsgan-gpu}}"
+mkdir -p "$out"
+site=/tmp/capsgan-site
+if [ -z "${CAPSGAN_GPU_QUICK:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+fi
+if [ -z "${CAPSGAN_GPU_QUICK:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$site" . >/dev/null
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 - "$out" <<'PY'
+import json, os, subprocess, sys, time, tomllib
+from pathlib import Path
+from capsgan_toolkit.recipe import dumps_toml
+
+out = Path(sys.argv[1])
+def recipe(base, name, data, **extra):
+    d = tomllib.loads(Path(base).read_text())
+    d["run"].update(name=name, epochs=1, device=os.environ.get("CAPSGAN_GPU_DEVICE", "cuda"), log_every=20)
+    if data is not None:
+        d["data"] = dict(data)
+    if os.environ.get("CAPSGAN_GPU_QUICK"):  # a dry run of this script: two steps on little data
+        d["run"].update(steps_per_epoch=2, log_every=1)
+        d["data"].update(num_train=512, num_test=64)
+    d.setdefault("eval", {})["metrics"] = ["acc"]
+    for k, v in extra.items():
+        d[k] = v
+    p = out / f"{name}.toml"
+    p.write_text(dumps_toml(d) + "\n")
+    return p
+glyphs28 = {"plugin": "glyphs", "image_size": 28, "channels": 1, "num_train": 60000, "num_test": 10000, "batch_size": 128}
+glyphs32 = {"plugin": "glyphs", "image_size": 32, "channels": 3, "num_train": 50000, "num_test": 10000, "batch_size": 128}
+runs = [
+    recipe("recipes/quickstart.toml", "quickstart", None),
+    recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size", glyphs28),
+    recipe("recipes/capsgan_cifar.toml", "capsnet-cifar64-size", glyphs32),
+    recipe("recipes/dcgan_cifar.toml", "dcgan-cifar-size", glyphs32),
+]
+print(f"{'run':24s} {'batch':>5s} {'s/epoch':>8s} {'img/s':>9s} {'test acc':>8s}  wall")
+for p in runs:
+    start = time.time()
+    r = subprocess.run([sys.executable, "-m", "capsgan_toolkit", "run", str(p), "--out", str(out / p.stem), "--quiet"],
+                       capture_output=True, text=True)
+    wall = time.time() - start
+    if r.returncode:
+        print(p.stem, "FAILED", r.stdout[-2000:], r.stderr[-3000:])
+        continue
+    s = json.loads((out / p.stem / "summary.json").read_text())
+    bs = tomllib.loads(p.read_text())["data"]["batch_size"]
+    acc = s.get("test_acc")
+    num = lambda v, f: "-" if v is None else format(v, f)
+    print(f"{p.stem:24s} {bs:5d} {num(s['seconds_per_epoch'], '8.1f'):>8s} {num(s['images_per_s'], '9.0f'):>9s} "
+          f"{'-' if acc is None else f'{acc:.3f}':>8s}  {wall:.0f}s ({s['device']})")
+PY
