@@ -156,6 +156,18 @@ class Monitor:
             self.console.print(f"  eval: {shown}", highlight=False)
         return row
 
+    def log_interval(self, phases) -> dict[str, Any]:
+        """Append the "train" row of the log interval that just ended (means of its steps) and start a new one."""
+        pos, acc = self.t.pos, self.t.pos.interval
+        row: dict[str, Any] = {"kind": "train", "epoch": pos.epoch, "step": pos.step,
+                               "encoder_acc": pos.encoder_acc.value, "disc_acc": pos.disc_acc.value,
+                               "gate": phases.label(), "skipped_steps": pos.skipped_steps,
+                               **pos.means(), **self.t.opt.learning_rates()}
+        row["images_per_s"] = acc["images"] / acc["time"] if acc["time"] > 0 else None
+        self.t.metrics.append(row)
+        pos.reset_interval()
+        return row
+
     # ------------------------------------------------------------------ people
 
     def progress(self):
@@ -185,6 +197,10 @@ class Monitor:
             parts.append(f"D acc {row['disc_acc']:.2f}")
         parts.append(row["gate"])
         return " | ".join(parts)
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False)
 
     def say_epoch(self, row: dict[str, Any]) -> None:
         if self.console is None:
@@ -236,3 +252,21 @@ class _NullProgress:
 
     def advance(self, *args, **kwargs):
         pass
+
+
+def count_flops(built) -> dict[str, int]:
+    """Forward FLOPs per image of each part (torch's flop counter; matmuls and convolutions only)."""
+    from capsgan_toolkit.compare.cost import flops_per_image
+
+    info, gen, out = built.info, torch.Generator().manual_seed(0), {}
+    device = next(iter(built.modules().values())).parameters().__next__().device
+    for name, module in built.modules().items():
+        if name == "generator":
+            shape = (module.num_classes, module.capsule_dim)
+        else:
+            shape = getattr(module, "image_shape", info.image_shape)
+        try:
+            out[name] = flops_per_image(module, torch.randn(2, *shape, generator=gen).to(device))
+        except Exception:  # a plugin that cannot be counted costs nothing here
+            continue
+    return out

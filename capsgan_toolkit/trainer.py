@@ -1,56 +1,45 @@
 """The training loop: iterate, ask the gate, let the objective step, log, checkpoint, handle signals.
 
-What one step computes belongs to the recipe's objective (:mod:`capsgan_toolkit.objective`);
-the loop hands it :meth:`Trainer.update`, which checks for NaN/Inf, back-propagates, clips,
-and steps one optimizer. Everything that decides what happens next (weights, optimizers,
-schedulers, gate, running accuracies, counters, RNG states, the position inside the epoch,
-the divergence guard) is in each checkpoint, so a resumed run continues exactly.
+What one step computes belongs to the recipe's objective; the loop hands it ``update``
+(:mod:`capsgan_toolkit.stepping`: NaN checks, backward, clipping, one optimizer step). All that
+decides what happens next (weights, optimizers, schedules, gate, running accuracies, counters,
+RNG states, the position in the epoch, the guard, the EMA) is in each checkpoint: resume is exact.
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from capsgan_toolkit import __version__
 from capsgan_toolkit import checkpoint as ckpt
 from capsgan_toolkit.build import Built, build, pick_device
+from capsgan_toolkit.divergence import DivergenceGuard
 from capsgan_toolkit.ema import EMA
-from capsgan_toolkit.errors import CheckpointError, Interrupted, NumericalError
+from capsgan_toolkit.errors import CheckpointError, Interrupted
 from capsgan_toolkit.events import CheckpointSaved, EpochEnd, RunEnd, RunStart, emit
 from capsgan_toolkit.interfaces import TrainState
-from capsgan_toolkit.monitor import Monitor
-from capsgan_toolkit.optim import DivergenceGuard, build_optimizer, clip_gradients, scale_learning_rates
+from capsgan_toolkit.monitor import Monitor, count_flops
 from capsgan_toolkit.reporting import MetricsLog
 from capsgan_toolkit.rundir import RunDir
-from capsgan_toolkit.training_state import Position, epoch_permutation, rng_state, set_rng_state, split_train_val
+from capsgan_toolkit.stepping import TERMS, Optimizers
+from capsgan_toolkit.training_state import DataPlan, Position, StopSignals, epoch_permutation, rng_state, set_rng_state
+
 
 class _RolledBack(Exception):
     """The divergence guard restored an earlier checkpoint: the epoch restarts from its position."""
 
 
-# Which recipe table a logged loss term comes from, and what it trains (for NaN messages).
-_TERMS = {"classification": ("classification", "encoder"), "reconstruction": ("reconstruction", "encoder and generator"),
-          "adversarial": ("adversarial", "generator"), "discriminator": ("adversarial", "discriminator")}
-
-
 class Trainer:
-    """Train one resolved recipe into a run folder (see the module docstring).
+    """Train one resolved recipe into a run folder (created by the caller).
 
-    Args:
-        resolved: the validated recipe.
-        plugins: the loaded plugins (registry and event hooks).
-        run_dir: the run folder (created by the caller).
-        console: a rich console for progress and messages (``None``: quiet).
-        resume_from: a checkpoint path, or its already loaded state, to continue from.
-        built: the recipe's components, if the caller built them already (:func:`build`).
+    ``plugins`` is the loaded PluginSet, ``console`` a rich console (``None``: quiet), ``resume_from``
+    a checkpoint path or its loaded state, ``built`` the components if the caller built them already.
     """
 
     def __init__(self, resolved, plugins, run_dir, *, console=None, resume_from=None, built: Built | None = None):
@@ -59,42 +48,25 @@ class Trainer:
         self.built = built if built is not None else build(resolved, plugins)  # seeds the RNGs first
         self.objective, run = self.built.objective, self.recipe.run
         self.device = pick_device(run.device)
-        for module in [*self.built.modules().values(), *(self.built.parts.get(k) for k in _TERMS)]:
+        for module in [*self.built.modules().values(), *(self.built.parts.get(k) for k in TERMS)]:
             if module is not None:
                 module.to(self.device)
-        self.flops_per_image = _count_flops(self.built)
-        train = self.built.dataset.split("train")
-        fraction = run.val_fraction if self.objective.has_classifier else 0.0  # held out only to choose best.pt
-        kept, held = split_train_val(len(train), fraction, run.seed)
-        self.train_set = Subset(train, kept) if held else train
-        self.val_set = Subset(train, held) if held else None
-        self.test_set = self.built.dataset.split("test")
-        self.batch_size = resolved.params["data"].batch_size
-        if len(self.train_set) < self.batch_size:
-            from capsgan_toolkit.errors import CapsganError
-
-            raise CapsganError(
-                f"{resolved.source}: data.batch_size = {self.batch_size} is larger than the training split "
-                f"({len(self.train_set)} images after holding out run.val_fraction). Lower data.batch_size.")
-        full = len(self.train_set) // self.batch_size
-        self.batches_per_epoch = min(full, run.steps_per_epoch) if run.steps_per_epoch else full
-        self.total_steps = run.epochs * self.batches_per_epoch
-        if run.max_steps:
-            self.total_steps = min(self.total_steps, run.max_steps)
-        self.params = {n: p for n, p in self.objective.optimizer_parameters().items() if p}
-        self.optimizers, self.schedulers = {}, {}
-        for name, params in self.params.items():
-            self.optimizers[name], self.schedulers[name] = build_optimizer(
-                resolved.optim[name], params, total_steps=self.total_steps)
-        self.ema = EMA.from_recipe(self.recipe.ema, self.built.parts, self.params)  # None without [ema]
-        self._update = self.ema.wrap(self.update) if self.ema is not None else self.update
+        self.flops_per_image = count_flops(self.built)
+        data = DataPlan.make(self.built, resolved)
+        self.train_set, self.val_set, self.test_set = data.train_set, data.val_set, data.test_set
+        self.batch_size, self.batches_per_epoch = data.batch_size, data.batches_per_epoch
+        self.total_steps = data.total_steps
         self.pos = Position(run.running_momentum)
+        self.opt = Optimizers(resolved, self.objective.optimizer_parameters(), total_steps=self.total_steps,
+                              modules=self.built.modules(), pos=self.pos, checkpoints_dir=self.rd.checkpoints_dir)
+        self.ema = EMA.from_recipe(self.recipe.ema, self.built.parts, self.opt.params)  # None without [ema]
+        self.update = self.ema.wrap(self.opt.update) if self.ema is not None else self.opt.update
         self.guard = DivergenceGuard(run.divergence)
         self.metrics = MetricsLog(self.rd.metrics_file)
         self.monitor = Monitor(self)
-        self.stopped_by, self._stop_signal, self._last_minutes_ckpt = None, None, time.monotonic()
+        self.stopped_by, self.signals, self._last_minutes_ckpt = None, StopSignals(), time.monotonic()
         self.resumed = resume_from is not None
-        if resume_from is not None:
+        if self.resumed:
             state = resume_from if isinstance(resume_from, dict) else ckpt.load_checkpoint(resume_from, self.device)
             self._restore(state, resume_from if not isinstance(resume_from, dict) else "the checkpoint")
         from capsgan_toolkit.evaluation import preflight
@@ -110,8 +82,7 @@ class Trainer:
             "format": ckpt.FORMAT_VERSION, "toolkit_version": __version__,
             "recipe": self.resolved.to_dict(), "recipe_digest": self.resolved.digest(),
             "models": {name: m.state_dict() for name, m in self.built.modules().items()},
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+            **self.opt.state_dict(),
             "gate": self.built.gate.state_dict(), "guard": self.guard.state_dict(),
             "position": {k: pos.pop(k) for k in ("epoch", "batch_in_epoch", "step")},
             "running": pos, "rng": rng_state(), "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -125,9 +96,7 @@ class Trainer:
         try:
             for name, module in self.built.modules().items():
                 module.load_state_dict(state["models"][name])
-            for name, opt in self.optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
-                self.schedulers[name].load_state_dict(state["schedulers"][name])
+            self.opt.load_state_dict(state)
             self.pos.load_state_dict({**state["position"], **state["running"]})
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -146,82 +115,23 @@ class Trainer:
         emit(self.plugins.manager, CheckpointSaved(self.rd.path, path, self.pos.epoch, self.pos.step))
         return path
 
-    def _save_periodic(self) -> None:
+    def _save_periodic(self) -> None:  # a step_*.pt, keeping the last checkpoint.keep_last
         self.save(ckpt.periodic_name(self.pos.step))
         ckpt.prune(self.rd.checkpoints_dir, self.recipe.checkpoint.keep_last)
 
     # ------------------------------------------------------------------ one step
 
-    def update(self, optimizer: str, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
-        """Check ``terms``, back-propagate ``loss``, clip, check the gradients and step ``optimizer``."""
-        if optimizer not in self.optimizers:
-            return False
-        if not self._finite({k: v for k, v in terms.items()}, "the loss"):
-            return False
-        opt = self.optimizers[optimizer]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = clip_gradients(self.params[optimizer], self.resolved.optim[optimizer].clip_norm)
-        if not math.isfinite(norm):
-            bad = {name: torch.tensor(float("nan")) for name, m in self.built.modules().items()
-                   if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in m.parameters())}
-            if not self._finite(bad or {optimizer: torch.tensor(norm)}, "the gradient of"):
-                return False
-        self.pos.add(f"grad_norm_{optimizer}", norm)
-        opt.step()
-        return True
-
-    def _finite(self, values: dict[str, torch.Tensor], what: str) -> bool:
-        bad = [name for name, v in values.items() if not torch.isfinite(v).all()]
-        if not bad:
-            return True
-        if self.recipe.run.on_nan == "skip":
-            if not self._step_skipped:  # count steps, not the checks that failed within one
-                self.pos.skipped_steps += 1
-                self._step_skipped = True
-            return False
-        last = ckpt.latest(self.rd.checkpoints_dir)
-        kept = f"the last good checkpoint, {last}, is intact" if last is not None else "no checkpoint had been written yet"
-        raise NumericalError(
-            f"Step {self.pos.step + 1} (epoch {self.pos.epoch}, as numbered in metrics.jsonl): {what} "
-            f"{', '.join(self._describe(n, what) for n in bad)} is NaN or Inf. Training stopped; {kept}. "
-            'Lower the learning rate, set clip_norm in [optim.<name>], or set run.on_nan = "skip" to skip such steps.')
-
-    def _describe(self, name: str, what: str) -> str:
-        if "loss" not in what or name not in _TERMS:
-            return f"the {name}"
-        slot, trains = _TERMS[name]
-        spec = getattr(self.recipe.losses, slot, None)
-        plugin = f' (losses.{slot}, plugin "{spec.plugin}")' if spec is not None else ""
-        return f"{name}{plugin}, which trains the {trains},"
-
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Run one step: the gate decides the phases, the objective computes and steps."""
-        self._step_skipped = False
         pos = self.pos
         phases = self.built.gate.decide(TrainState(
             epoch=pos.epoch, step=pos.step, encoder_acc=pos.encoder_acc.value or 0.0,
             disc_acc=pos.disc_acc.value, has_discriminator=self.built.parts.discriminator is not None))
-        result = self.objective.step(images, labels, phases, self._update)
+        result = self.objective.step(images, labels, phases, self.update)
         if self.ema is not None:
             self.ema.end_step()  # one EMA update per step that changed an averaged model
-        with warnings.catch_warnings():  # every schedule advances each step, also when its optimizer sat out
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-            for sched in self.schedulers.values():
-                sched.step()
-        if result.encoder_acc is not None:
-            pos.encoder_acc.update(result.encoder_acc)
-            pos.add("batch_acc", result.encoder_acc)
-        if result.disc_acc is not None:
-            pos.disc_acc.update(result.disc_acc)
-        for name, value in result.values.items():
-            pos.add(f"loss_{name}", value)
-        for name, flag in (("generator", phases.generator), ("discriminator", phases.discriminator),
-                           ("warmup", phases.warmup)):
-            pos.add(f"gate_{name}", float(flag))
-        encoder = self.built.parts.encoder
-        for key, value in (getattr(encoder, "diagnostics", None) or {}).items():
-            pos.add(key, value)
+        self.opt.end_step()
+        pos.record(result, phases, getattr(self.built.parts.encoder, "diagnostics", None))
         monitor = self.recipe.run.divergence.monitor or "classification"  # "": the objective's main loss
         watched = result.values.get(monitor)
         event = self.guard.update(pos.step + 1, watched, pos.encoder_acc.value)
@@ -232,8 +142,7 @@ class Trainer:
     def _divergence(self, event: dict[str, Any]) -> None:
         """Record a divergence; with ``action = "rollback"``, go back to the last checkpoint at a lower rate."""
         self.metrics.append({"kind": "event", "epoch": self.pos.epoch, **event})
-        if self.console is not None:
-            self.console.print(f"[yellow]warning:[/] {event.get('message', event)}", highlight=False)
+        self.monitor.say(f"[yellow]warning:[/] {event.get('message', event)}")
         if event.get("action") != "rollback":
             return
         last = ckpt.latest(self.rd.checkpoints_dir)
@@ -243,33 +152,20 @@ class Trainer:
             self._restore(state, last)  # models, optimizers, schedulers, position, gate, RNG, metrics rows
             self.guard.load_state_dict(guard)
         factor = self.guard.rollback(state["guard"] if state is not None else None)
-        scale_learning_rates(self.optimizers, self.schedulers, factor)
+        self.opt.scale(factor)
         self.metrics.append({"kind": "event", "event": "rollback", "epoch": self.pos.epoch, "step": self.pos.step,
                              "diverged_at_step": event.get("step"), "checkpoint": last.name if last else None,
                              "lr_scale": self.guard.lr_scale})
-        if self.console is not None:
-            where = f"checkpoint {last.name} (step {self.pos.step})" if last else "the current weights (no checkpoint yet)"
-            self.console.print(f"  rolled back to {where}; learning rates x{self.guard.lr_scale:g}", highlight=False)
+        where = f"checkpoint {last.name} (step {self.pos.step})" if last else "the current weights (no checkpoint yet)"
+        self.monitor.say(f"  rolled back to {where}; learning rates x{self.guard.lr_scale:g}")
         raise _RolledBack
-
-    def _log_interval(self) -> dict[str, Any]:
-        pos, acc = self.pos, self.pos.interval
-        row: dict[str, Any] = {"kind": "train", "epoch": pos.epoch, "step": pos.step,
-                               "encoder_acc": pos.encoder_acc.value, "disc_acc": pos.disc_acc.value,
-                               "gate": self.last_phases.label(), "skipped_steps": pos.skipped_steps,
-                               **pos.means(),
-                               **{f"lr_{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()}}
-        row["images_per_s"] = acc["images"] / acc["time"] if acc["time"] > 0 else None
-        self.metrics.append(row)
-        pos.reset_interval()
-        return row
 
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
         """Train to the end of the recipe (or its step/minute budget); return the run summary."""
         run, pos = self.recipe.run, self.pos
-        previous = self._install_signals()
+        self.signals.install()
         emit(self.plugins.manager, RunStart(self.rd.path, self.resolved.to_dict(), self.resumed, pos.epoch, pos.step))
         try:
             with self.monitor.progress() as progress:
@@ -283,8 +179,7 @@ class Trainer:
                         continue
                     self._end_epoch()
         finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            self.signals.restore()
         self.save("final.pt")
         self.monitor.save_traversal()
         summary = self.monitor.summary()
@@ -297,24 +192,19 @@ class Trainer:
         order = epoch_permutation(run.seed, pos.epoch, len(self.train_set))
         batches = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
                    for i in range(pos.batch_in_epoch, self.batches_per_epoch)]
-        # An own generator: iterating a DataLoader draws its base seed from the generator it is
-        # given, which by default is the global one, and a resumed epoch builds an extra loader.
+        # An own generator: a DataLoader draws its base seed from the global RNG otherwise (resume-unsafe).
         loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.resolved.params["data"].num_workers,
                             generator=torch.Generator().manual_seed(run.seed * 1_000_003 + pos.epoch))
         tick = time.perf_counter()
         for images, labels in loader:
             self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
-            pos.batch_in_epoch += 1
-            pos.step += 1
             now = time.perf_counter()
-            pos.interval["images"] += images.shape[0]
-            pos.interval["time"] += now - tick
-            pos.elapsed += now - tick
+            pos.advance(images.shape[0], now - tick)
             tick = now
             if pos.step % run.log_every == 0:
-                progress.update(task, status=self.monitor.status(self._log_interval()))
+                progress.update(task, status=self.monitor.status(self.monitor.log_interval(self.last_phases)))
             progress.advance(task)
-            if self._stop_signal is not None:
+            if self.signals.received is not None:
                 self._interrupt()
             minutes = self.recipe.checkpoint.every_minutes
             if minutes and time.monotonic() - self._last_minutes_ckpt >= 60 * minutes:
@@ -334,7 +224,8 @@ class Trainer:
         self.monitor.periodic_evaluation(pos.epoch, pos.step)
         done = pos.epoch + 1
         last = done == run.epochs or self.stopped_by is not None
-        sample = self.monitor.save_samples(done) if done % self.recipe.output.samples_every_epochs == 0 or last else None
+        due = done % self.recipe.output.samples_every_epochs == 0 or last
+        sample = self.monitor.save_samples(done) if due else None
         self.monitor.plot()
         improved = row.get("val_acc") is not None and row["val_acc"] > pos.best_val_acc
         if improved:
@@ -348,45 +239,11 @@ class Trainer:
         self.monitor.say_epoch(row)
         emit(self.plugins.manager, EpochEnd(self.rd.path, row["epoch"], row["step"], row, sample,
                                             self.monitor.histograms()))
-        if self._stop_signal is not None and not last:
+        if self.signals.received is not None and not last:
             self._interrupt()  # the signal came during the end-of-epoch work
-
-    def _install_signals(self):
-        previous = {}
-
-        def handler(signum, frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return previous
 
     def _interrupt(self) -> None:
         path = self.save("interrupt.pt")
-        name = signal.Signals(self._stop_signal).name
+        name = signal.Signals(self.signals.received).name
         raise Interrupted(f"Stopped by {name} at epoch {self.pos.epoch}, step {self.pos.step}; checkpoint saved to "
                           f"{path}. Resume with: capsgan run --resume {self.rd.path}")
-
-
-def _count_flops(built: Built) -> dict[str, int]:
-    """Forward FLOPs per image of each part (torch's flop counter; matmuls and convolutions only)."""
-    from capsgan_toolkit.compare.cost import flops_per_image
-
-    info, gen, out = built.info, torch.Generator().manual_seed(0), {}
-    device = next(iter(built.modules().values())).parameters().__next__().device
-    for name, module in built.modules().items():
-        if name == "generator":
-            shape = (module.num_classes, module.capsule_dim)
-        else:
-            shape = getattr(module, "image_shape", info.image_shape)
-        try:
-            out[name] = flops_per_image(module, torch.randn(2, *shape, generator=gen).to(device))
-        except Exception:  # a plugin that cannot be counted costs nothing here
-            continue
-    return out

@@ -6,11 +6,15 @@ Everything here goes into each checkpoint, so a resumed run continues exactly.
 from __future__ import annotations
 
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
+
+from capsgan_toolkit.errors import CapsganError
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -103,6 +107,14 @@ class Position:
         self.disc_acc = RunningMean(self.momentum)
         self.reset_interval()
 
+    def advance(self, images: int, seconds: float) -> None:
+        """Count one finished step of ``images`` images that took ``seconds``."""
+        self.batch_in_epoch += 1
+        self.step += 1
+        self.interval["images"] += images
+        self.interval["time"] += seconds
+        self.elapsed += seconds
+
     def reset_interval(self) -> None:
         """Start a new log interval (sums and counts of logged values, images, time)."""
         self.interval = {"sums": {}, "counts": {}, "images": 0, "time": 0.0}
@@ -110,6 +122,20 @@ class Position:
     def add(self, key: str, value: float) -> None:
         self.interval["sums"][key] = self.interval["sums"].get(key, 0.0) + float(value)
         self.interval["counts"][key] = self.interval["counts"].get(key, 0) + 1
+
+    def record(self, result, phases, diagnostics: dict[str, float] | None) -> None:
+        """Fold one step's :class:`~capsgan_toolkit.objective.StepResult`, gate phases and diagnostics in."""
+        if result.encoder_acc is not None:
+            self.encoder_acc.update(result.encoder_acc)
+            self.add("batch_acc", result.encoder_acc)
+        if result.disc_acc is not None:
+            self.disc_acc.update(result.disc_acc)
+        for name, value in result.values.items():
+            self.add(f"loss_{name}", value)
+        for name in ("generator", "discriminator", "warmup"):
+            self.add(f"gate_{name}", float(getattr(phases, name)))
+        for key, value in (diagnostics or {}).items():
+            self.add(key, value)
 
     def means(self) -> dict[str, float]:
         return {k: total / self.interval["counts"][k] for k, total in self.interval["sums"].items()}
@@ -125,3 +151,60 @@ class Position:
             setattr(self, key, state[key])
         self.encoder_acc.load_state_dict(state["encoder_acc"])
         self.disc_acc.load_state_dict(state["disc_acc"])
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask training to stop after the current step; a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def restore(self) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+        self._previous = {}
+
+
+@dataclass
+class DataPlan:
+    """The run's splits and step counts: train (less a validation share), validation, test."""
+
+    train_set: Any
+    val_set: Any
+    test_set: Any
+    batch_size: int
+    batches_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def make(cls, built, resolved) -> "DataPlan":
+        """Hold out ``run.val_fraction`` of train (only where the objective classifies: it chooses best.pt)."""
+        run = resolved.recipe.run
+        train = built.dataset.split("train")
+        fraction = run.val_fraction if built.objective.has_classifier else 0.0
+        kept, held = split_train_val(len(train), fraction, run.seed)
+        train_set = Subset(train, kept) if held else train
+        batch_size = resolved.params["data"].batch_size
+        if len(train_set) < batch_size:
+            raise CapsganError(
+                f"{resolved.source}: data.batch_size = {batch_size} is larger than the training split "
+                f"({len(train_set)} images after holding out run.val_fraction). Lower data.batch_size.")
+        full = len(train_set) // batch_size
+        per_epoch = min(full, run.steps_per_epoch) if run.steps_per_epoch else full
+        total = run.epochs * per_epoch
+        return cls(train_set, Subset(train, held) if held else None, built.dataset.split("test"), batch_size,
+                   per_epoch, min(total, run.max_steps) if run.max_steps else total)
