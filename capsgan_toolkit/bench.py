@@ -1,0 +1,395 @@
+"""``capsgan bench RECIPE``: how fast a recipe's parts and its training step run here.
+
+Builds the recipe's parts as a run would, feeds them synthetic batches of the data set's
+image shape on the recipe's device (or ``--device``) and measures, after warm-up:
+images/s of the encoder, generator and discriminator forward (``no_grad``, eval mode) and
+of the full training step (the objective's ``step`` with all phases on, each ``update``
+doing ``zero_grad``, ``backward`` and ``step`` on the Adam optimizers the trainer builds);
+FLOPs per image from :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls and
+convolutions, 2 per multiply-add; of each forward, and of the step's forward + backward);
+the step's FLOP/s as a share of the float32 matmul rate measured in the same run (CPU:
+2048^3; GPU: 8192^3 float32 and bfloat16, plus the card's datasheet peak from
+:data:`PEAKS`); and the step's peak memory (``torch.cuda.max_memory_allocated``, or the
+process's peak resident set on CPU, reset before the step where Linux allows).
+
+images/s use the median iteration; the share uses the best step against the best matmul
+(both filter out pauses other processes cause on a shared machine). ``--baseline``
+measures a second recipe in the same process and adds ratios (RECIPE / BASELINE).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import click
+import torch
+from rich.table import Table
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from capsgan_toolkit import api
+from capsgan_toolkit.build import build, pick_device
+from capsgan_toolkit.cli_common import DEVICES, console, friendly, option
+from capsgan_toolkit.errors import CapsganError, DataError
+from capsgan_toolkit.interfaces import DatasetInfo, Phases
+from capsgan_toolkit.optim import build_optimizer
+
+PEAKS = {  # vendor datasheets, dense (no sparsity), TFLOP/s: fp32 (no tensor cores), tf32, bf16
+    "H100 SXM": (67.0, 494.7, 989.4),
+    "H100 PCIe": (51.2, 378.0, 756.0),
+    "H100 NVL": (60.0, 417.5, 835.5),
+    "H200": (67.0, 494.7, 989.4),
+    "A100": (19.5, 156.0, 312.0),
+    "L4": (30.3, 60.0, 121.0),
+}
+_LOSSES = ("losses.classification", "losses.reconstruction", "losses.adversarial")
+
+
+def peak_for(name: str) -> tuple[str, tuple[float, float, float]] | None:
+    """Return the :data:`PEAKS` entry for a CUDA device name (``NVIDIA H100 80GB HBM3`` is the SXM card)."""
+    tokens = set(re.split(r"[^A-Z0-9]+", name.upper()))
+    for key in ("H100 PCIe", "H100 NVL", "H200", "A100", "L4", "H100"):  # plain "H100 80GB HBM3" is the SXM
+        if all(part.upper() in tokens for part in key.split()):
+            key = "H100 SXM" if key == "H100" else key
+            return key, PEAKS[key]
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_each(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
+    """Run ``fn`` ``warmup`` times, then return the seconds of each of ``steps`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def count_flops(fn) -> int:
+    """Return the FLOPs torch's flop counter sees while ``fn()`` runs."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
+                repeats: int = 3) -> float:
+    """Return the best FLOP/s of a ``size^3`` matmul (2048 on CPU, 8192 on GPU)."""
+    size = size or (2048 if device.type == "cpu" else 8192)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen).to(device, dtype) for _ in range(2))
+    return 2 * size**3 / min(time_each(lambda: torch.mm(a, b), device, repeats, 1))
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    """Return the value of ``key:`` in a Linux /proc file (None elsewhere)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the process's peak resident set (Linux: ``/proc/self/clear_refs``); whether it worked."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_peak_bytes() -> int:
+    hwm = _proc_field("/proc/self/status", "VmHWM")
+    return int(hwm.split()[0]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine(device: torch.device) -> dict:
+    """Describe where the numbers come from: processor or card, threads and the settings that matter."""
+    info = {"device": str(device), "torch": torch.__version__, "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return info
+
+
+class _Synthetic:
+    """Stands in for a data set whose files are missing: only its ``info`` is needed here."""
+
+    def __init__(self, info: DatasetInfo):
+        self.info = info
+
+
+def build_for_bench(recipe: str, sets=(), *, image_shape=None, classes=None, notes: list[str] | None = None):
+    """Load and build ``recipe``; if its data set cannot be built, use ``image_shape`` and ``classes``."""
+    plugins, resolved = api.load_recipe(recipe, sets)
+    try:
+        return build(resolved, plugins), resolved
+    except DataError as exc:
+        if image_shape is None or classes is None:
+            raise DataError(f"{exc} (`capsgan bench` needs only the image shape and the number of classes: "
+                            "give --image-shape C,H,W and --classes K to measure without the data.)") from None
+        reason = str(exc).splitlines()[0]
+    info = DatasetInfo(int(classes), tuple(int(x) for x in image_shape))
+    real_create = plugins.registry.create
+
+    def create(family, name, params, **context):
+        return _Synthetic(info) if family == "dataset" else real_create(family, name, params, **context)
+
+    plugins.registry.create = create
+    try:
+        built = build(resolved, plugins)
+    finally:
+        del plugins.registry.create
+    if notes is not None:
+        notes.append(f"{recipe}: the data set could not be built ({reason}); measured with --image-shape "
+                     f"{','.join(map(str, info.image_shape))} and --classes {info.num_classes}.")
+    return built, resolved
+
+
+def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warmup: int = 2, device=None,
+                 image_shape=None, classes=None, sets=(), notes: list[str] | None = None) -> dict:
+    """Measure one recipe (see the module's docstring); return the numbers as a dict."""
+    built, resolved = build_for_bench(recipe, sets, image_shape=image_shape, classes=classes, notes=notes)
+    device = pick_device(device or resolved.recipe.run.device)
+    objective, parts, info = built.objective, built.parts, built.info
+    for module in [*built.modules().values(), *(parts.get(k) for k in _LOSSES)]:
+        if isinstance(module, nn.Module):
+            module.to(device)
+    batch = int(batch or resolved.recipe.data.batch_size)
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(batch, *info.image_shape, generator=gen) * 2 - 1).to(device)
+    labels = torch.randint(0, info.num_classes, (batch,), generator=gen).to(device)
+    params = {name: p for name, p in objective.optimizer_parameters().items() if p}
+    optimizers = {name: build_optimizer(resolved.optim[name], p, total_steps=steps + warmup + 2)[0]
+                  for name, p in params.items()}
+
+    def update(name, loss, terms) -> bool:
+        opt = optimizers.get(name)
+        if opt is None:
+            return False
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return True
+
+    phases = Phases(generator=True, discriminator=True)
+
+    def step():
+        objective.step(images, labels, phases, update)
+
+    # The inputs the generator and discriminator get in a real step (latents, maybe class planes).
+    inputs, hooks = {}, []
+    for name in ("generator", "discriminator"):
+        module = getattr(parts, name)
+        if module is not None:
+            hooks.append(module.register_forward_pre_hook(
+                lambda mod, args, name=name: inputs.setdefault(name, tuple(a.detach() for a in args))))
+    objective.train()
+    step()
+    for hook in hooks:
+        hook.remove()
+    inputs["encoder"] = (images,)
+
+    out = {"recipe": recipe, "name": resolved.recipe.run.name, "device": str(device), "batch": batch,
+           "steps": steps, "warmup": warmup, "image_shape": list(info.image_shape), "classes": info.num_classes,
+           "parts": {}}
+    objective.eval()
+    with torch.no_grad():
+        for name in ("encoder", "generator", "discriminator"):
+            module = getattr(parts, name)
+            if module is None or name not in inputs:
+                continue
+            args = inputs[name]
+            n = args[0].shape[0]
+            times = time_each(lambda: module(*args), device, steps, warmup)
+            out["parts"][name] = {"images_per_s": n / statistics.median(times), "best_s": min(times),
+                                  "median_s": statistics.median(times),
+                                  "flops_per_image": count_flops(lambda: module(*args)) / n}
+    objective.train()
+    step_flops = count_flops(step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset = device.type == "cpu" and _reset_cpu_peak()
+    times = time_each(step, device, steps, warmup)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _cpu_peak_bytes()
+    out["step"] = {"images_per_s": batch / statistics.median(times), "median_s": statistics.median(times),
+                   "best_s": min(times), "flops_per_image": step_flops / batch,
+                   "flops_per_s": step_flops / min(times), "peak_memory_bytes": peak,
+                   "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else
+                   ("process peak RSS during the step" if reset else "process peak RSS (whole run)")}
+    return out
+
+
+def run_bench(recipe: str, baseline: str | None = None, **kwargs) -> dict:
+    """Measure ``recipe`` (and ``baseline``) with the matmul reference taken before and after."""
+    notes: list[str] = []
+    device = kwargs.pop("device", None)
+    first = bench_recipe(recipe, device=device, notes=notes, **kwargs)
+    dev = torch.device(first["device"])
+    info = machine(dev)
+    rates = [matmul_rate(dev)]
+    results = [first]
+    if baseline:
+        results.append(bench_recipe(baseline, device=device, notes=notes, **kwargs))
+    rates.append(matmul_rate(dev))
+    reference = {"float32_flops_per_s": max(rates), "float32_matmul_size": 2048 if dev.type == "cpu" else 8192,
+                 "float32_flops_per_s_each": rates}
+    if dev.type == "cuda":
+        reference["bfloat16_flops_per_s"] = matmul_rate(dev, torch.bfloat16)
+        known = peak_for(info["gpu"])
+        if known:
+            name, (fp32, tf32, bf16) = known
+            reference["peak"] = {"card": name, "fp32_tflops": fp32, "tf32_tflops": tf32, "bf16_tflops": bf16,
+                                 "source": "vendor datasheet, dense"}
+    for step in (res["step"] for res in results):
+        step["share_of_matmul"] = step["flops_per_s"] / reference["float32_flops_per_s"]
+        for kind in ("fp32", "bf16") if "peak" in reference else ():
+            step[f"share_of_{kind}_peak"] = step["flops_per_s"] / (reference["peak"][f"{kind}_tflops"] * 1e12)
+    info["load_average_after"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    report = {"machine": info, "matmul": reference, "results": results, "notes": notes}
+    if baseline:
+        report["ratios"] = ratios(first, results[1])
+    return report
+
+
+def ratios(a: dict, b: dict) -> dict:
+    """Return ``a / b`` for each speed and FLOP count the two results share."""
+    out = {}
+    for name in ("encoder", "generator", "discriminator"):
+        if name in a["parts"] and name in b["parts"]:
+            out[f"{name}_images_per_s"] = a["parts"][name]["images_per_s"] / b["parts"][name]["images_per_s"]
+            if b["parts"][name]["flops_per_image"]:
+                out[f"{name}_flops_per_image"] = a["parts"][name]["flops_per_image"] / b["parts"][name]["flops_per_image"]
+    for key in ("images_per_s", "flops_per_image", "share_of_matmul", "peak_memory_bytes"):
+        if b["step"].get(key):
+            out[f"step_{key}"] = a["step"][key] / b["step"][key]
+    return out
+
+
+def _fmt_flops(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def render(report: dict) -> Table:
+    """Return the side-by-side table of a report."""
+    results = report["results"]
+    table = Table(title="capsgan bench", title_justify="left")
+    table.add_column("measure")
+    for res in results:
+        table.add_column(f"{res['name']}\n({Path(res['recipe']).name})", justify="right")
+    if len(results) == 2:
+        table.add_column("ratio", justify="right")
+
+    def row(label, get, fmt, ratio_key=None):
+        cells = []
+        for res in results:
+            try:
+                value = get(res)
+            except KeyError:
+                value = None
+            cells.append("-" if value is None else fmt(value))
+        if len(results) == 2:
+            r = report["ratios"].get(ratio_key) if ratio_key else None
+            cells.append("-" if r is None else f"{r:.2f}x")
+        table.add_row(label, *cells)
+
+    row("device, batch", lambda r: f"{r['device']}, {r['batch']}", str)
+    for name, short in (("encoder", "E"), ("generator", "G"), ("discriminator", "D")):
+        row(f"{short} forward img/s", lambda r, n=name: r["parts"][n]["images_per_s"], lambda v: f"{v:,.0f}",
+            f"{name}_images_per_s")
+        row(f"{short} forward FLOP/img", lambda r, n=name: r["parts"][n]["flops_per_image"], _fmt_flops,
+            f"{name}_flops_per_image")
+    row("step img/s", lambda r: r["step"]["images_per_s"], lambda v: f"{v:,.1f}", "step_images_per_s")
+    row("step FLOP/img", lambda r: r["step"]["flops_per_image"], _fmt_flops, "step_flops_per_image")
+    row("step FLOP/s (best)", lambda r: r["step"]["flops_per_s"], _fmt_flops)
+    row("% of matmul rate", lambda r: r["step"]["share_of_matmul"], lambda v: f"{100 * v:.3g}%",
+        "step_share_of_matmul")
+    if "peak" in report["matmul"]:
+        row("% of bf16 peak", lambda r: r["step"]["share_of_bf16_peak"], lambda v: f"{100 * v:.2f}%")
+    row("step peak MiB", lambda r: r["step"]["peak_memory_bytes"], lambda v: f"{v / 2**20:,.0f}",
+        "step_peak_memory_bytes")
+    return table
+
+
+def _footer(report: dict) -> list[str]:
+    m, ref = report["machine"], report["matmul"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads"
+    lines = [f"machine: {where}; torch {m['torch']}; OMP_WAIT_POLICY={m['omp_wait_policy']}; "
+             f"load average {m['load_average']} before, {m['load_average_after']} after",
+             f"matmul reference: float32 {ref['float32_matmul_size']}^3, best "
+             f"{_fmt_flops(ref['float32_flops_per_s'])}FLOP/s (measured before and after the recipes)"]
+    if "bfloat16_flops_per_s" in ref:
+        lines.append(f"bfloat16 matmul measured: {_fmt_flops(ref['bfloat16_flops_per_s'])}FLOP/s")
+    if "peak" in ref:
+        p = ref["peak"]
+        lines.append(f"{p['card']} datasheet (dense): fp32 {p['fp32_tflops']}, tf32 {p['tf32_tflops']}, "
+                     f"bf16 {p['bf16_tflops']} TFLOP/s")
+    lines.append("E/G/D: encoder, generator, discriminator (forward: no_grad, eval mode); step: forward + "
+                 "backward + Adam, all phases on; img/s: median iteration; % of matmul rate: best step FLOP/s "
+                 "over best matmul; FLOPs: torch's flop counter (matmuls, convolutions).")
+    return lines + [f"note: {n}" for n in report["notes"]]
+
+
+def _shape(text: str | None):
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise click.BadParameter(f"expected C,H,W such as 1,28,28; got {text!r}", param_hint="--image-shape")
+    return shape
+
+
+@click.command("bench")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@option("--baseline", type=click.Path(dir_okay=False), default=None,
+        help="A second recipe, measured in the same run and shown side by side with ratios (RECIPE / BASELINE).")
+@option("--batch", type=click.IntRange(min=1), default=None, help="Images per batch (default: the recipe's data.batch_size).")
+@option("--steps", type=click.IntRange(min=1), default=10, help="Timed iterations of each measurement.")
+@option("--warmup", type=click.IntRange(min=0), default=2, help="Untimed iterations before each measurement.")
+@option("--device", type=DEVICES, default=None, help="Device (default: the recipe's run.device).")
+@option("--image-shape", default=None, metavar="C,H,W",
+        help="Image shape to use when the recipe's data set cannot be built (files missing).")
+@option("--classes", type=click.IntRange(min=1), default=None, help="Classes, with --image-shape.")
+@option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (both recipes).")
+@option("--json", "as_json", is_flag=True, default=False, help="Print the numbers as JSON.")
+@friendly
+def bench_command(recipe, baseline, batch, steps, warmup, device, image_shape, classes, sets, as_json):
+    """Measure RECIPE's speed: img/s of each part and of the training step, FLOPs, share of peak, memory."""
+    shape = _shape(image_shape)
+    if (shape is None) != (classes is None):
+        raise CapsganError("--image-shape and --classes go together.")
+    report = run_bench(recipe, baseline, batch=batch, steps=steps, warmup=warmup, device=device,
+                       image_shape=shape, classes=classes, sets=sets)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    console.print(render(report))
+    for line in _footer(report):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
