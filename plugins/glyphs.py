@@ -1,7 +1,8 @@
 """The built-in generated data set "glyphs": ten classes of geometric shapes.
 
 Needs no download, so every recipe and test can run offline. Each image shows one
-shape at a random position, scale (0.35-0.8 of the image), rotation and stroke
+shape at a random position, scale (0.35-0.8 of the image), rotation (a full turn,
+or up to ``rotation`` degrees either way) and stroke
 width, in random foreground and background colours (or grey levels) with enough
 contrast, plus optional Gaussian noise.
 
@@ -60,6 +61,12 @@ class GlyphsParams(DatasetParams):
     num_test: int = Field(2000, ge=10, description="Images in the test split (classes balanced).")
     seed: int = Field(0, ge=0, description="Seed of the generator; train and test use different derived seeds.")
     noise: float = Field(0.05, ge=0.0, le=0.5, description="Std of Gaussian pixel noise, in [0, 1] intensity units.")
+    rotation: float = Field(
+        180.0,
+        ge=0.0,
+        le=180.0,
+        description="Largest rotation in degrees: angles are uniform in [-rotation, rotation]; 180 is a full turn.",
+    )
 
 
 # ------------------------------------------------------------------------ shapes
@@ -162,7 +169,9 @@ def _render(params: GlyphsParams, count: int, split: str) -> tuple[torch.Tensor,
     # Per-image geometry, drawn for the whole split up front.
     radius = 0.35 + 0.45 * torch.rand(count, generator=gen)  # glyph diameter as a share of the image width
     centre = (torch.rand(count, 2, generator=gen) * 2 - 1) * (1 - radius).unsqueeze(1)
-    angle = torch.rand(count, generator=gen) * 2 * math.pi
+    turn = torch.rand(count, generator=gen)
+    # A full turn keeps the original formula, so rotation = 180 renders exactly the images it always did.
+    angle = turn * 2 * math.pi if params.rotation >= 180 else (turn * 2 - 1) * math.radians(params.rotation)
     half_w = 0.09 + 0.11 * torch.rand(count, generator=gen)
     # Strokes at least 1.6 pixels wide, so small glyphs still reach full contrast.
     half_w = torch.maximum(half_w, 0.8 / (radius * size / 2))
@@ -198,7 +207,7 @@ def glyph_split(params: GlyphsParams, split: Literal["train", "test"]) -> tuple[
     ``num_workers`` do not cause a second rendering.
     """
     count = params.num_train if split == "train" else params.num_test
-    key = (params.image_size, params.channels, count, params.seed, params.noise, split)
+    key = (params.image_size, params.channels, count, params.seed, params.noise, params.rotation, split)
     if key not in _CACHE:
         while len(_CACHE) >= _CACHE_SIZE:  # drop the oldest split; a sweep over seeds stays bounded
             _CACHE.pop(next(iter(_CACHE)))

@@ -19,7 +19,7 @@ from capsgan_toolkit.compare import stats
 from capsgan_toolkit.compare.command import compare_command
 from capsgan_toolkit.compare.fairness import category, compare_recipes
 from capsgan_toolkit.compare.spec import CompareError, load_spec
-from conftest import TINY_RECIPE, write_toml
+from helpers import TINY_RECIPE, write_toml
 
 EVAL_TABLE = {"metrics": ["acc", "gen_fid"], "num_images": 100, "seed": 0, "reference_split": "test",
               "features": {"domain": {"plugin": "domain_classifier"}}, "batch_size": 100}

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from capsgan_toolkit.compare.command import compare_command
 from capsgan_toolkit.rundir import RunDir
-from conftest import TINY_RECIPE, write_toml
+from helpers import TINY_RECIPE, write_toml
 
 SPEC = """
 title = "tiny end-to-end"

@@ -16,7 +16,7 @@ from capsgan_toolkit.compare.runner import device_setup, parse_shard, plan, shar
 from capsgan_toolkit.compare.spec import CompareError, load_spec
 from capsgan_toolkit.recipe import apply_overrides, dumps_toml, read_toml
 from capsgan_toolkit.rundir import RunDir
-from conftest import TINY_RECIPE, write_toml
+from helpers import TINY_RECIPE, write_toml
 
 
 class FakeApi:
