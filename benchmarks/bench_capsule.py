@@ -1,71 +1,69 @@
-"""Benchmark the capsnet encoder and its dynamic routing on this machine's CPU.
+"""Benchmark the capsnet encoder's CPU training step against the previous code, and its routing.
 
-Prints, measured side by side in one run:
+Prints, measured side by side in one process:
 
-* images/s of :func:`dynamic_routing` (forward, 3 iterations) and of a loop-based
-  reference that routes one parent at a time, as many public implementations
-  do, and the speed-up (target: at least 20x at MNIST size). "batched" feeds
-  a contiguous ``(B, N, K, D)`` tensor, so it includes the one relayout copy
-  the routing makes; "enc. layout" feeds the view the encoder hands over;
-* images/s of one capsnet training step (forward, margin-loss backward, Adam
-  step) at MNIST size (1x28x28, 32 primary types) and CIFAR-10 size (3x32x32,
-  64 primary types), with the step's FLOP/s counted analytically as a share of
-  this machine's float32 matmul FLOP/s, measured in the same run (target: 50%).
+* **Training step** (forward, margin loss, backward, Adam as the trainer builds it) of the
+  paper's MNIST CapsNet (1x28x28, conv1 256 9x9, 32 primary types 9x9 stride 2, 1152
+  children, batch 64) and of the report's CIFAR-10 model (3x32x32, 64 primary types, 4096
+  children, leaky routing, batch 32): ms per step and images/s of the current
+  ``plugins/capsule.py`` and of the version at ``--previous`` (default: the commit before the
+  GEMM convolution, loaded from git into a temporary module), the speed-up, and each step's
+  FLOP/s as a share of this machine's float32 matmul rate. FLOPs are counted by
+  :class:`torch.utils.flop_counter.FlopCounterMode` on one step (the same count for both
+  versions: they do the same matrix products). Every time is the best of ``--repeats``; each
+  repeat times one step of each version and one 2048^3 matmul, so all three see the same load
+  from other processes; the matmul reference is the best seen in the run.
+* **Routing** (forward, 3 iterations, K=10, D=16): images/s of :func:`dynamic_routing` and of
+  a loop-over-parents reference, as many public implementations route.
 
-Every time is the best of several repeats, which filters out the pauses that
-other processes on a shared machine cause; the load average is printed too.
-The matmul reference is the best rate seen in the run (before, between the
-training steps, after), so the share is, if anything, understated.
-
-Unless ``--no-tuning`` is given, the script re-runs itself with two settings
-of the environment (``TUNING`` below), worth setting for CPU training too:
-
-* glibc returns every large freed buffer to the system, so each step pays
-  page faults to get fresh memory for its big temporaries (tens of MB here);
-  the ``MALLOC_*`` settings keep freed memory for reuse (as jemalloc or
-  tcmalloc would);
-* OpenMP threads that spin while waiting steal the cores from each other
-  when other processes share the machine, which costs 2x or more on a busy
-  2-core machine; ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep instead. On a
-  dedicated machine spinning is a little faster.
+Both versions run under the same settings: the glibc allocator keeps freed memory (the
+capsnet encoder sets this itself, :func:`capsgan_plugins.capsule_cpu.keep_freed_memory`), and,
+unless ``--no-tuning``, the script re-runs itself with ``OMP_WAIT_POLICY=PASSIVE``: OpenMP
+threads that spin while waiting steal the cores from each other when other processes share
+the machine (2x slower on a busy 2-core machine); it must be set before torch starts.
 
 Usage::
 
-    python benchmarks/bench_capsule.py            # about 1 minute
-    python benchmarks/bench_capsule.py --quick    # about 20 seconds
-    python benchmarks/bench_capsule.py --threads 1
+    python benchmarks/bench_capsule.py                 # about 1-2 minutes on 2 cores
+    python benchmarks/bench_capsule.py --quick         # fewer repeats
+    python benchmarks/bench_capsule.py --profile       # and where the MNIST step's time goes
+    python benchmarks/bench_capsule.py --previous HEAD~3
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-TUNING = {
-    "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
-    "MALLOC_TOP_PAD_": str(1 << 30),
-    "OMP_WAIT_POLICY": "PASSIVE",
-}
+TUNING = {"OMP_WAIT_POLICY": "PASSIVE"}
+ROOT = Path(__file__).resolve().parent.parent
 
 if (
     __name__ == "__main__"
     and "--no-tuning" not in sys.argv
     and any(os.environ.get(k) != v for k, v in TUNING.items())
 ):
-    # glibc and OpenMP read these at start-up only: re-run before importing torch.
+    # OpenMP reads this at start-up only: re-run before importing torch.
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, **TUNING})
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from capsgan_plugins.capsule import CapsNetEncoder, CapsNetParams, dynamic_routing, squash  # noqa: E402
+from capsgan_plugins import capsule  # noqa: E402
+from capsgan_plugins.capsule import dynamic_routing, squash  # noqa: E402
+from capsgan_plugins.capsule_cpu import keep_freed_memory  # noqa: E402
+from capsgan_plugins.losses import MarginLoss  # noqa: E402
+from capsgan_toolkit.optim import OptimizerSpec, build_optimizer  # noqa: E402
 
-ROUTING_TARGET = 20.0
-FLOPS_TARGET = 0.50
 MATMUL_SIZE = 2048
+TARGETS = {"MNIST": 0.70, "CIFAR-10": 0.65}
 
 
 @dataclass(frozen=True)
@@ -74,23 +72,86 @@ class Case:
     image_shape: tuple[int, int, int]
     primary_types: int
     batch: int
+    leaky: bool
 
 
-def _best_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+CASES = [Case("MNIST", (1, 28, 28), 32, 64, False), Case("CIFAR-10", (3, 32, 32), 64, 32, True)]
 
 
-def matmul_flops(size: int, repeats: int) -> float:
-    """Return the float32 FLOP/s of a ``size x size`` matmul."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / _best_time(lambda: torch.mm(a, b), repeats)
+def previous_revision() -> str:
+    """The commit before the one that added plugins/capsule_cpu.py (the GEMM convolution)."""
+    added = subprocess.run(["git", "-C", str(ROOT), "log", "--diff-filter=A", "--format=%H", "--",
+                            "plugins/capsule_cpu.py"], capture_output=True, text=True, check=True).stdout.split()
+    if not added:
+        raise SystemExit("plugins/capsule_cpu.py is not committed: give --previous REV")
+    return added[-1] + "^"
+
+
+def load_previous(rev: str, folder: Path):
+    """Import ``plugins/capsule.py`` as it was at ``rev``, as a module of its own."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:plugins/capsule.py"],
+                            capture_output=True, text=True, check=True).stdout
+    path = folder / "capsule_previous.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("capsule_previous", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the params' annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_step(module, case: Case, optimizer: str = "trainer"):
+    """Return ``(step, flops)``: one training step of ``module``'s encoder and its counted FLOPs.
+
+    ``optimizer``: ``"trainer"``, the Adam that ``capsgan run`` builds (torch's default
+    implementation: one pass over the parameters per arithmetic operation), or ``"fused"``,
+    torch's fused CPU Adam (one pass).
+    """
+    torch.manual_seed(0)
+    params = module.CapsNetParams(primary_types=case.primary_types, leaky_routing=case.leaky)
+    enc = module.CapsNetEncoder(params, image_shape=case.image_shape, num_classes=10)
+    loss_fn = MarginLoss(MarginLoss.Params())
+    if optimizer == "fused":
+        opt = torch.optim.Adam(enc.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=True)
+    else:
+        opt, _ = build_optimizer(OptimizerSpec(lr=1e-4, betas=(0.5, 0.999)), enc.parameters(), total_steps=1)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(case.batch, *case.image_shape, generator=gen) * 2 - 1
+    labels = torch.randint(0, 10, (case.batch,), generator=gen)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(enc(images), labels).backward()
+        opt.step()
+
+    step()
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(enc(images), labels).backward()
+    return step, counter.get_total_flops()
+
+
+def bench_steps(versions: dict, repeats: int, optimizer: str) -> tuple[dict, float]:
+    """Time each case of each version, interleaved; return ``{(case, version): (s, flops)}`` and the matmul rate."""
+    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    mm = min(_timed(lambda: torch.mm(a, b)) for _ in range(3))
+    out = {}
+    for case in CASES:
+        steps = {name: make_step(module, case, optimizer) for name, module in versions.items()}
+        best = {name: float("inf") for name in versions}
+        for _ in range(repeats):
+            for name, (step, _) in steps.items():
+                best[name] = min(best[name], _timed(step))
+            mm = min(mm, _timed(lambda: torch.mm(a, b)))
+        for name, (step, flops) in steps.items():
+            out[case.name, name] = (best[name], flops)
+        del steps
+    return out, 2 * MATMUL_SIZE**3 / mm
 
 
 def loop_routing(u_hat: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -101,157 +162,90 @@ def loop_routing(u_hat: torch.Tensor, iterations: int) -> torch.Tensor:
         c = torch.softmax(torch.stack(logits, dim=2), dim=2)
         outputs = []
         for j in range(parents):
-            s_j = (c[:, :, j : j + 1] * u_hat[:, :, j, :]).sum(dim=1)
-            v_j = squash(s_j)
+            v_j = squash((c[:, :, j : j + 1] * u_hat[:, :, j, :]).sum(dim=1))
             outputs.append(v_j)
             if step < iterations - 1:
                 logits[j] = logits[j] + (u_hat[:, :, j, :] * v_j.unsqueeze(1)).sum(dim=-1)
     return torch.stack(outputs, dim=1)
 
 
-def _margin_loss():
-    """The project's margin loss when its plugin imports, else the paper's formula inline."""
-    try:
-        from capsgan_plugins.losses import MarginLoss
-
-        return MarginLoss(MarginLoss.Params())
-    except Exception:  # the losses plugin is optional for this benchmark
-
-        def margin(capsules, labels):
-            lengths = capsules.pow(2).sum(-1).add(1e-12).sqrt()
-            present = torch.nn.functional.one_hot(labels, lengths.shape[1]).to(lengths.dtype)
-            per_class = present * torch.relu(0.9 - lengths) ** 2 + 0.5 * (1 - present) * torch.relu(lengths - 0.1) ** 2
-            return per_class.sum(1).mean()
-
-        return margin
-
-
-def step_flops(enc: CapsNetEncoder, batch: int) -> dict[str, float]:
-    """FLOPs of one training step, by part (multiply-add = 2 FLOPs).
-
-    Forward plus backward counts 3x the forward, except conv1 (2x: the images
-    need no gradient) and the routing (the backward only goes through the last
-    iteration's weighted sum; the other iterations use detached predictions).
-    """
-    p = enc.params
-    c, h, w = enc.image_shape
-    h1, w1 = h + 2 * p.conv1_padding - p.conv1_kernel + 1, w + 2 * p.conv1_padding - p.conv1_kernel + 1
-    h2, w2 = enc.grid
-    kd = enc.num_classes * p.class_dim
-    conv1 = 2 * h1 * w1 * p.conv1_channels * c * p.conv1_kernel**2
-    primary = 2 * h2 * w2 * p.primary_types * p.primary_dim * p.conv1_channels * p.primary_kernel**2
-    u_hat = 2 * enc.num_children * p.primary_dim * kd
-    one_sum = 2 * enc.num_children * kd
-    routing_fwd = one_sum * (2 * p.routing_iterations - 1)
-    return {
-        "conv1": batch * 2 * conv1,
-        "primary": batch * 3 * primary,
-        "u_hat": batch * 3 * u_hat,
-        "routing": batch * (routing_fwd + 2 * one_sum),
-    }
-
-
-def bench_routing(case: Case, repeats: int) -> tuple[float, float, float, float]:
-    """Return images/s of the batched routing (standard and encoder layouts), of the loop reference, and the max difference."""
-    n = case.primary_types * (6 * 6 if case.image_shape[1] == 28 else 8 * 8)
-    u_hat = torch.randn(case.batch, n, 10, 16) * 0.05
-    # The encoder hands over a (B, N, K, D) view of (B, K, N, D) memory.
-    u_enc = u_hat.transpose(1, 2).contiguous().transpose(1, 2)
+def bench_routing(children: int, batch: int, repeats: int) -> tuple[float, float, float, float]:
+    """Images/s of the batched routing (standard and encoder layouts) and of the loop reference; max |diff|."""
+    u_hat = torch.randn(batch, children, 10, 16) * 0.05
+    u_enc = u_hat.transpose(0, 1).contiguous().transpose(0, 1)  # (B, N, K, D) view of (N, B, K, D) memory
     with torch.no_grad():
-        standard = _best_time(lambda: dynamic_routing(u_hat, 3), repeats)
-        encoder = _best_time(lambda: dynamic_routing(u_enc, 3), repeats)
-        loop = _best_time(lambda: loop_routing(u_hat, 3), repeats)
+        times = [min(_timed(lambda f=f: f()) for _ in range(repeats)) for f in (
+            lambda: dynamic_routing(u_hat, 3), lambda: dynamic_routing(u_enc, 3), lambda: loop_routing(u_hat, 3))]
         diff = float((dynamic_routing(u_hat, 3) - loop_routing(u_hat, 3)).abs().max())
-    return case.batch / standard, case.batch / encoder, case.batch / loop, diff
+    return (*(batch / t for t in times), diff)
 
 
-def bench_step(case: Case, repeats: int) -> tuple[float, float, dict[str, float], float]:
-    """Return images/s and FLOP/s of a full training step, its FLOPs by part, and matmul FLOP/s.
+def profile_mnist(optimizer: str, rows: int = 14) -> None:
+    from torch.profiler import ProfilerActivity, profile
 
-    Each repeat times one step and then one reference matmul, so that both see
-    the same load from other processes.
-    """
-    torch.manual_seed(0)
-    enc = CapsNetEncoder(CapsNetParams(primary_types=case.primary_types), image_shape=case.image_shape, num_classes=10)
-    loss_fn = _margin_loss()
-    try:  # one fused kernel per step instead of a dozen passes over the parameters
-        opt = torch.optim.Adam(enc.parameters(), lr=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.Adam(enc.parameters(), lr=1e-4)
-    images = torch.rand(case.batch, *case.image_shape) * 2 - 1
-    labels = torch.randint(0, 10, (case.batch,))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(enc(images), labels).backward()
-        opt.step()
-
-    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    step, _ = make_step(capsule, CASES[0], optimizer)
     step()
-    seconds, mm_seconds = float("inf"), float("inf")
-    for _ in range(repeats):
-        seconds = min(seconds, _best_time(step, 1, warmup=0))
-        mm_seconds = min(mm_seconds, _best_time(lambda: torch.mm(a, b), 1, warmup=0))
-    parts = step_flops(enc, case.batch)
-    return case.batch / seconds, sum(parts.values()) / seconds, parts, 2 * MATMUL_SIZE**3 / mm_seconds
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):
+            step()
+    print("\nWhere the current MNIST step's time goes (torch.profiler, 2 steps, self CPU time):")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=24, max_shapes_column_width=60))
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches (~20 s)")
-    parser.add_argument("--no-tuning", action="store_true", help="keep the malloc and OpenMP defaults")
+    parser.add_argument("--previous", default=None, help="git revision of the code to compare with "
+                        "(default: the commit before plugins/capsule_cpu.py was added)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per version and case (best counts)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, no routing section")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--profile", action="store_true", help="also profile the current MNIST step")
+    parser.add_argument("--optimizer", choices=["trainer", "fused"], default="trainer",
+                        help="Adam as `capsgan run` builds it, or torch's fused CPU Adam")
+    parser.add_argument("--no-tuning", action="store_true", help="keep the OpenMP default (spinning threads)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    repeats = 2 if args.quick else 5
-    scale = 1 if args.quick else 2
-    cases = [
-        Case("MNIST 1x28x28, 32 types", (1, 28, 28), 32, 16 * scale),
-        Case("CIFAR 3x32x32, 64 types", (3, 32, 32), 64, 8 * scale),
-    ]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else args.repeats
+    allocator = keep_freed_memory()  # both versions under the same allocator settings
+    rev = args.previous or previous_revision()
     started = time.perf_counter()
-    tuned = ", ".join(f"{k}={os.environ[k]}" for k in TUNING if k in os.environ) or "none"
-    print(
-        f"torch {torch.__version__}, {args.threads} thread(s) of {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f}\nenvironment tuning: {tuned}"
-    )
-    peak_before = matmul_flops(MATMUL_SIZE, repeats)
-    print(f"float32 matmul {MATMUL_SIZE}^3: {peak_before / 1e9:.1f} GFLOP/s")
-
-    print("\nRouting (forward, 3 iterations, K=10, D=16), images/s")
-    print(
-        f"{'case':26} {'batch':>5} {'batched':>8} {'(enc. layout)':>13} {'loop ref':>9} "
-        f"{'speed-up':>9} {'(enc.)':>7} {'target':>7} {'max |diff|':>10}"
-    )
-    for case in cases:
-        routing_case = Case(case.name, case.image_shape, case.primary_types, 2 * scale * case.batch)
-        standard, encoder, loop, diff = bench_routing(routing_case, repeats)
-        print(
-            f"{case.name:26} {routing_case.batch:5d} {standard:8.0f} {encoder:13.0f} {loop:9.0f} "
-            f"{standard / loop:8.1f}x {encoder / loop:6.1f}x {ROUTING_TARGET:6.0f}x {diff:10.1e}"
-        )
-
-    print("\nTraining step (forward + margin loss backward + Adam), default capsnet widths")
-    rows = [(case, *bench_step(case, repeats)) for case in cases]
-    peak_after = matmul_flops(MATMUL_SIZE, repeats)
-    # The best matmul rate seen anywhere in this run: the most demanding reference.
-    peak = max([peak_before, peak_after] + [row[4] for row in rows])
-    print(f"{'case':26} {'batch':>5} {'img/s':>7} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% matmul':>9} {'target':>7}")
-    for case, images_per_s, flops_per_s, parts, _ in rows:
-        print(
-            f"{case.name:26} {case.batch:5d} {images_per_s:7.1f} {sum(parts.values()) / 1e9:10.1f} "
-            f"{flops_per_s / 1e9:8.1f} {100 * flops_per_s / peak:8.0f}% {100 * FLOPS_TARGET:6.0f}%"
-        )
-    for case, _, _, parts, _ in rows:
-        total = sum(parts.values())
-        shares = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in parts.items())
-        print(f"  FLOPs of {case.name}: {shares}")
-    interleaved = ", ".join(f"{row[4] / 1e9:.1f}" for row in rows)
-    print(
-        f"\nmatmul reference: {peak / 1e9:.1f} GFLOP/s, the best of: before {peak_before / 1e9:.1f}, "
-        f"between steps {interleaved}, after {peak_after / 1e9:.1f}; "
-        f"load average now {os.getloadavg()[0]:.1f}; total {time.perf_counter() - started:.0f} s"
-    )
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
+    print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}; allocator: {allocator}; "
+          f"load average (1/5/15 min) {_load()}")
+    with tempfile.TemporaryDirectory() as folder:
+        versions = {"previous": load_previous(rev, Path(folder)), "current": capsule}
+        results, rate = bench_steps(versions, repeats, args.optimizer)
+    print(f"\nTraining step (forward + margin loss + backward + {args.optimizer} Adam), best of {repeats}; "
+          f"previous = plugins/capsule.py at {rev}")
+    print(f"{'case':9} {'batch':>5} {'GFLOP':>6} {'version':>9} {'ms/step':>8} {'img/s':>7} {'GFLOP/s':>8} "
+          f"{'% matmul':>9} {'target':>7} {'speed-up':>9}")
+    for case in CASES:
+        base = results[case.name, "previous"][0]
+        for name in versions:
+            seconds, flops = results[case.name, name]
+            print(f"{case.name:9} {case.batch:5d} {flops / 1e9:6.1f} {name:>9} {1e3 * seconds:8.0f} "
+                  f"{case.batch / seconds:7.1f} {flops / seconds / 1e9:8.1f} {100 * flops / seconds / rate:8.1f}% "
+                  f"{100 * TARGETS[case.name]:6.0f}% {base / seconds:8.2f}x")
+    print(f"float32 matmul {MATMUL_SIZE}^3 (best in the run): {rate / 1e9:.1f} GFLOP/s; load average now {_load()}")
+    if not args.quick:
+        print("\nRouting (forward, 3 iterations, K=10, D=16), images/s")
+        print(f"{'children':>8} {'batch':>5} {'batched':>8} {'enc. layout':>11} {'loop ref':>9} {'speed-up':>9} "
+              f"{'max |diff|':>10}")
+        for children, batch in ((1152, 128), (4096, 64)):
+            standard, encoder, loop, diff = bench_routing(children, batch, repeats)
+            print(f"{children:8d} {batch:5d} {standard:8.0f} {encoder:11.0f} {loop:9.0f} {standard / loop:8.1f}x "
+                  f"{diff:10.1e}")
+    if args.profile:
+        profile_mnist(args.optimizer)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {_load()}")
 
 
 if __name__ == "__main__":

@@ -65,8 +65,40 @@ class _FrozenCouplingSum(torch.autograd.Function):
         (c,) = ctx.saved_tensors
         (bsz, n, k, d), dtype = ctx.u_hat
         coupling = c.view(bsz * k, n).t().contiguous().unsqueeze(-1)  # (N, B*K, 1)
-        grad = coupling * grad_s.view(1, bsz * k, d)  # (N, B*K, D), the encoder's layout
+        grad = coupling * grad_s.view(1, bsz * k, d)  # (N, B*K, D), the matmul's layout (_Predictions)
         return grad.view(n, bsz, k, d).transpose(0, 1).to(dtype), None, None
+
+
+class _Predictions(torch.autograd.Function):
+    """``u_hat = bmm(u, W)`` over ``rows`` (children, or types with shared weights), laid out for routing.
+
+    The batched matmul makes ``(N, B, K, D)`` memory; routing reads ``(B, K, N, D)``.
+    Forward computes a block of about 64 children at a time and moves it into place
+    while it is still in cache: one pass instead of a 47 MB relayout copy (MNIST, batch
+    64). Backward takes the gradient in the matmul's own layout, the one
+    :class:`_FrozenCouplingSum` writes.
+    """
+
+    @staticmethod
+    def forward(ctx, u, weight, bsz, k, d):
+        rows, m, _ = u.shape
+        per_row = m // bsz
+        out = u.new_empty(bsz, k, rows * per_row, d)
+        block = max(1, 64 // per_row)
+        for r0 in range(0, rows, block):
+            part = torch.bmm(u[r0:r0 + block], weight[r0:r0 + block]).view(-1, bsz, k, d)
+            out[:, :, r0 * per_row:r0 * per_row + part.shape[0]].copy_(part.permute(1, 2, 0, 3))
+        ctx.save_for_backward(u, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, weight = ctx.saved_tensors
+        rows, m, _ = u.shape
+        grad = grad.permute(2, 0, 1, 3).reshape(rows, m, weight.shape[-1])  # free for the N-major gradient
+        grad_u = torch.bmm(grad, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(u.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return grad_u, grad_w, None, None, None
 
 
 def dynamic_routing(
@@ -247,9 +279,8 @@ class CapsNetEncoder(Encoder):
     def predictions(self, images: torch.Tensor) -> torch.Tensor:
         """Return the children's predictions ``u_hat (B, N, K, D)`` for ``images``.
 
-        The tensor is a view whose memory is laid out as ``(N, B, K, D)``, as the
-        batched matmul makes it: :func:`dynamic_routing` makes its own ``(B, K, N, D)``
-        copy outside autograd and writes the gradient in this layout.
+        The tensor is a view whose memory is laid out as ``(B, K, N, D)``, the layout
+        :func:`dynamic_routing` computes in (see :class:`_Predictions`).
         """
         p = self.params
         bsz = images.shape[0]
@@ -264,10 +295,10 @@ class CapsNetEncoder(Encoder):
         u = squash(u.reshape(p.primary_types, h2 * w2 * bsz, p.primary_dim))
         if not p.share_weights_across_positions:
             u = u.reshape(self.num_children, bsz, p.primary_dim)
-        # One batched matmul: (rows, M, P) x (rows, P, K*D), rows = children or types.
-        u_hat = torch.bmm(u, self.weight.to(u.dtype))
-        # (N, B, K*D) memory, handed over as a (B, N, K, D) view.
-        return u_hat.view(self.num_children, bsz, self.num_classes, p.class_dim).transpose(0, 1)
+        # Batched matmuls (rows, M, P) x (rows, P, K*D), rows = children or types, written
+        # as (B, K, N, D) memory and handed over as a (B, N, K, D) view.
+        u_hat = _Predictions.apply(u, self.weight.to(u.dtype), bsz, self.num_classes, p.class_dim)
+        return u_hat.transpose(1, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return class capsules ``(B, K, D)`` (float32 under autocast) and fill diagnostics."""

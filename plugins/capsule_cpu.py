@@ -176,7 +176,10 @@ class _GemmConv(torch.autograd.Function):
                         target[:, :, kx:kx + span_x:sw].add_(rows[:, :, :, kx])
         if ctx.needs_input_grad[1]:
             # In the weight's own layout: a channels-last weight takes it as it is.
-            grad_w = (gy.to(cols.dtype).t() @ cols).to(w_dtype).view(out_ch, kh, kw, c).permute(0, 3, 1, 2)
+            g = gy.to(cols.dtype)
+            # A narrow patch matrix (conv1: 81 columns) ran about 1.25x faster as cols^T @ dy.
+            g = (cols.t() @ g).t().contiguous() if cols.shape[1] < out_ch else g.t() @ cols
+            grad_w = g.to(w_dtype).view(out_ch, kh, kw, c).permute(0, 3, 1, 2)
             if not ctx.channels_last:
                 grad_w = grad_w.contiguous()
         if ctx.needs_input_grad[2]:
