@@ -25,7 +25,7 @@ from capsgan_plugins.capsule_cpu import keep_freed_memory
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams
-from capsgan_toolkit.layers import check_image_batch, squash
+from capsgan_toolkit.layers import check_image_batch, check_image_shape, squash
 
 __all__ = ["CapsNetEncoder", "dynamic_routing", "squash"]
 
@@ -131,8 +131,10 @@ def dynamic_routing(
     ``s_j = sum_i c_ij u_hat_ij``, ``v_j = squash(s_j)`` and, except after the
     last, ``b_ij += u_hat_ij . v_j``.
 
-    Gradients: with ``detach_inner`` (the default, as in the reference
-    implementation) every iteration but the last computes ``s``, ``v`` and the
+    Gradients: with ``detach_inner`` (the default, a convention of public
+    re-implementations; the authors' published code has no stop-gradient and
+    adds a learned per-parent bias to ``s`` before the squash, see
+    docs/capsules.md) every iteration but the last computes ``s``, ``v`` and the
     logit update from ``u_hat.detach()``. Hence ``b`` and ``c`` carry no gradient
     at all, and gradients reach ``u_hat`` only through the last iteration's
     ``s = sum_i c_ij u_hat_ij``, with ``c`` held as a constant. With
@@ -244,7 +246,7 @@ class CapsNetEncoder(Encoder):
     def __init__(self, params: CapsNetParams, *, image_shape: Sequence[int], num_classes: int):
         super().__init__(params, image_shape=image_shape, num_classes=num_classes)
         p = params
-        channels, height, width = self.image_shape
+        channels, height, width = check_image_shape('Encoder "capsnet"', image_shape)
         h1, w1 = (_out_size(s, p.conv1_kernel, 1, p.conv1_padding) for s in (height, width))
         h2, w2 = (_out_size(s, p.primary_kernel, p.primary_stride, p.primary_padding) for s in (h1, w1))
         if min(h1, w1, h2, w2) < 1:

@@ -54,23 +54,14 @@ def _small(comp) -> dict:
 
 
 _IMAGE_SHAPES = {"generator": SHAPES + ((3, 64, 64),), "discriminator": SHAPES + ((3, 64, 64),)}
-_KNOWN_GAPS = {("encoder", "capsnet"): {"bad_image_shapes": ((1, 0, 28),)}}
-"""Checks a built-in does not pass yet (see test_capsnet_refuses_malformed_image_shapes)."""
+_KNOWN_GAPS: dict = {}
+"""Checks a built-in does not pass yet: (family, name) -> options narrowing the check (none today)."""
 
 
 @pytest.mark.parametrize("comp", _components("encoder", "generator", "discriminator"))
 def test_every_model_meets_its_contract(comp):
     options = {"image_shapes": _IMAGE_SHAPES.get(comp.family, SHAPES), **_KNOWN_GAPS.get((comp.family, comp.name), {})}
     kit.check_component(comp.family, comp.cls, _small(comp), **options)
-
-
-@pytest.mark.xfail(strict=True, raises=kit.ContractViolation,
-                   reason="capsnet unpacks image_shape without capsgan_toolkit.layers.check_image_shape: (28, 28) "
-                          "raises ValueError and (0, 28, 28) builds; remove this test and its _KNOWN_GAPS entry "
-                          "once it calls check_image_shape")
-def test_capsnet_refuses_malformed_image_shapes():
-    comp = _REGISTRY.get("encoder", "capsnet")
-    kit.check_encoder(comp.cls, _small(comp), image_shapes=(), bad_image_shapes=kit.BAD_IMAGE_SHAPES)
 
 
 @pytest.mark.parametrize("comp", _components("classification_loss", "reconstruction_loss", "adversarial_loss", "gate"))
