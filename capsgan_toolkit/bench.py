@@ -109,8 +109,7 @@ def _proc_field(path: str, key: str) -> str | None:
 def _reset_cpu_peak() -> bool:
     """Reset the process's peak resident set (Linux: ``/proc/self/clear_refs``); whether it worked."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
+        return Path("/proc/self/clear_refs").write_text("5") == 1
     except OSError:
         return False
 
@@ -198,11 +197,14 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
 
     # The inputs the generator and discriminator get in a real step (latents, maybe class planes).
     inputs, hooks = {}, []
+
+    def capture(name):  # the hook returns None: the call's inputs stay as they are
+        return lambda module, args: inputs.setdefault(name, tuple(a.detach() for a in args)) and None
+
     for name in ("generator", "discriminator"):
         module = getattr(parts, name)
         if module is not None:
-            hooks.append(module.register_forward_pre_hook(
-                lambda mod, args, name=name: inputs.setdefault(name, tuple(a.detach() for a in args))))
+            hooks.append(module.register_forward_pre_hook(capture(name)))
     objective.train()
     step()
     for hook in hooks:

@@ -18,9 +18,16 @@ def recipes(tmp_path_factory):
     wide = tiny_recipe()
     wide["run"]["name"] = "wide"
     wide["encoder"]["channels"] = 16
+    dcgan = tiny_recipe()
+    dcgan["run"]["name"] = "tiny-dcgan"
+    for key in ("encoder", "losses", "optim", "gate"):
+        del dcgan[key]
+    dcgan["objective"] = {"plugin": "dcgan", "conditional": True}
+    dcgan["losses"] = {"adversarial": {"plugin": "nonsaturating"}}
+    dcgan["gate"] = {"plugin": "always"}
     missing = tiny_recipe()
     missing["data"] = {"plugin": "image_folder", "root": str(folder / "no-such-folder"), "batch_size": 8}
-    return {"tiny": tiny, "wide": write_toml(folder / "wide.toml", wide),
+    return {"tiny": tiny, "wide": write_toml(folder / "wide.toml", wide), "dcgan": write_toml(folder / "dcgan.toml", dcgan),
             "missing": write_toml(folder / "missing.toml", missing)}
 
 
@@ -64,6 +71,16 @@ def test_bench_baseline_side_by_side_with_ratios(recipes):
     assert ratios["step_images_per_s"] == pytest.approx(wide["step"]["images_per_s"] / tiny["step"]["images_per_s"])
     table = invoke("bench", recipes["wide"], "--baseline", recipes["tiny"], "--steps", "1", "--warmup", "0")
     assert "ratio" in table.output and "(tiny.toml)" in table.output and "(wide.toml)" in table.output
+
+
+def test_bench_a_dcgan_objective_without_encoder(recipes):
+    # The generator's and discriminator's inputs are recorded during a real step, without
+    # changing them: the generator's update must still reach the generator through D.
+    report = json.loads(invoke("bench", recipes["dcgan"], "--steps", "1", "--warmup", "0", "--json").output)
+    res = report["results"][0]
+    assert set(res["parts"]) == {"generator", "discriminator"}
+    assert res["parts"]["discriminator"]["flops_per_image"] > 0  # D sees image + class planes
+    assert res["step"]["flops_per_image"] > 2 * res["parts"]["generator"]["flops_per_image"]
 
 
 def test_missing_data_needs_the_shape_then_uses_it(recipes):
