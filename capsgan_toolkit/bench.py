@@ -9,8 +9,8 @@ FLOPs per image from :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls 
 convolutions, 2 per multiply-add; of each forward, and of the step's forward + backward);
 the step's FLOP/s as a share of the float32 matmul rate measured in the same run (CPU:
 2048^3; GPU: 8192^3 float32 and bfloat16, plus the card's datasheet peak from
-:data:`PEAKS`); and the step's peak memory (``torch.cuda.max_memory_allocated``, or the
-process's peak resident set on CPU, reset before the step where Linux allows).
+:data:`PEAKS`); and the step's peak tensor memory (``torch.cuda.max_memory_allocated``;
+on CPU :func:`cpu_tensor_peak`).
 
 images/s use the median iteration; the share uses the best step against the best matmul
 (both filter out pauses other processes cause on a shared machine). ``--baseline``
@@ -23,9 +23,10 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -62,21 +63,17 @@ def peak_for(name: str) -> tuple[str, tuple[float, float, float]] | None:
     return None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_each(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
     """Run ``fn`` ``warmup`` times, then return the seconds of each of ``steps`` runs."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -97,31 +94,44 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: 
     return 2 * size**3 / min(time_each(lambda: torch.mm(a, b), device, repeats, 1))
 
 
-def _proc_field(path: str, key: str) -> str | None:
-    """Return the value of ``key:`` in a Linux /proc file (None elsewhere)."""
+def _cpu_name() -> str:
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+
+
+def cpu_tensor_peak(fn) -> int | None:
+    """Peak bytes of tensor memory while ``fn()`` runs on CPU, parameters and optimizer state included.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated``, from torch.profiler's memory
+    timeline (None where that fails). The process's resident set would not do: the capsnet
+    encoder keeps freed memory in the process (:func:`capsgan_plugins.capsule_cpu.keep_freed_memory`).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = os.dup(2)  # the profiler's own log lines would land in the table
+    try:
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder, open(os.devnull, "w") as null:
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                         with_stack=True) as prof:
+                fn()
+            prof.export_memory_timeline(str(Path(folder) / "memory.json"), device="cpu")
+            _, sizes = json.loads((Path(folder) / "memory.json").read_text())
+        return int(max(sum(s) for s in sizes))
+    except Exception:  # an internal torch API: measure nothing rather than fail the benchmark
         return None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
-
-
-def _reset_cpu_peak() -> bool:
-    """Reset the process's peak resident set (Linux: ``/proc/self/clear_refs``); whether it worked."""
-    try:
-        return Path("/proc/self/clear_refs").write_text("5") == 1
-    except OSError:
-        return False
-
-
-def _cpu_peak_bytes() -> int:
-    hwm = _proc_field("/proc/self/status", "VmHWM")
-    return int(hwm.split()[0]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def machine(device: torch.device) -> dict:
     """Describe where the numbers come from: processor or card, threads and the settings that matter."""
-    info = {"device": str(device), "torch": torch.__version__, "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor(), "cores": os.cpu_count(),
+    info = {"device": str(device), "torch": torch.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
@@ -181,22 +191,19 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
     optimizers = {name: build_optimizer(resolved.optim[name], p, total_steps=steps + warmup + 2)[0]
                   for name, p in params.items()}
 
-    def update(name, loss, terms) -> bool:
-        opt = optimizers.get(name)
-        if opt is None:
-            return False
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return True
+    def update(name, loss, terms) -> bool:  # as the trainer's, less its NaN checks and clipping
+        if (opt := optimizers.get(name)) is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return opt is not None
 
     phases = Phases(generator=True, discriminator=True)
 
     def step():
         objective.step(images, labels, phases, update)
 
-    # The inputs the generator and discriminator get in a real step (latents, maybe class planes).
-    inputs, hooks = {}, []
+    inputs, hooks = {}, []  # what the generator and discriminator get in a real step
 
     def capture(name):  # the hook returns None: the call's inputs stay as they are
         return lambda module, args: inputs.setdefault(name, tuple(a.detach() for a in args)) and None
@@ -230,14 +237,14 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
     step_flops = count_flops(step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    reset = device.type == "cpu" and _reset_cpu_peak()
     times = time_each(step, device, steps, warmup)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _cpu_peak_bytes()
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    else:
+        peak, kind = cpu_tensor_peak(step), "tensor memory (torch.profiler memory timeline)"
     out["step"] = {"images_per_s": batch / statistics.median(times), "median_s": statistics.median(times),
                    "best_s": min(times), "flops_per_image": step_flops / batch,
-                   "flops_per_s": step_flops / min(times), "peak_memory_bytes": peak,
-                   "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else
-                   ("process peak RSS during the step" if reset else "process peak RSS (whole run)")}
+                   "flops_per_s": step_flops / min(times), "peak_memory_bytes": peak, "peak_memory_kind": kind}
     return out
 
 
@@ -282,7 +289,7 @@ def ratios(a: dict, b: dict) -> dict:
             if b["parts"][name]["flops_per_image"]:
                 out[f"{name}_flops_per_image"] = a["parts"][name]["flops_per_image"] / b["parts"][name]["flops_per_image"]
     for key in ("images_per_s", "flops_per_image", "share_of_matmul", "peak_memory_bytes"):
-        if b["step"].get(key):
+        if b["step"].get(key) and a["step"].get(key) is not None:
             out[f"step_{key}"] = a["step"][key] / b["step"][key]
     return out
 
@@ -306,34 +313,28 @@ def render(report: dict) -> Table:
     if len(results) == 2:
         table.add_column("ratio", justify="right")
 
-    def row(label, get, fmt, ratio_key=None):
+    def row(label, keys, fmt, ratio_key=None):
         cells = []
-        for res in results:
-            try:
-                value = get(res)
-            except KeyError:
-                value = None
+        for value in results:
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
             cells.append("-" if value is None else fmt(value))
         if len(results) == 2:
             r = report["ratios"].get(ratio_key) if ratio_key else None
             cells.append("-" if r is None else f"{r:.2f}x")
         table.add_row(label, *cells)
 
-    row("device, batch", lambda r: f"{r['device']}, {r['batch']}", str)
+    table.add_row("device, batch", *(f"{r['device']}, {r['batch']}" for r in results), *[""][:len(results) - 1])
     for name, short in (("encoder", "E"), ("generator", "G"), ("discriminator", "D")):
-        row(f"{short} forward img/s", lambda r, n=name: r["parts"][n]["images_per_s"], lambda v: f"{v:,.0f}",
-            f"{name}_images_per_s")
-        row(f"{short} forward FLOP/img", lambda r, n=name: r["parts"][n]["flops_per_image"], _fmt_flops,
-            f"{name}_flops_per_image")
-    row("step img/s", lambda r: r["step"]["images_per_s"], lambda v: f"{v:,.1f}", "step_images_per_s")
-    row("step FLOP/img", lambda r: r["step"]["flops_per_image"], _fmt_flops, "step_flops_per_image")
-    row("step FLOP/s (best)", lambda r: r["step"]["flops_per_s"], _fmt_flops)
-    row("% of matmul rate", lambda r: r["step"]["share_of_matmul"], lambda v: f"{100 * v:.3g}%",
-        "step_share_of_matmul")
+        row(f"{short} forward img/s", ("parts", name, "images_per_s"), "{:,.0f}".format, f"{name}_images_per_s")
+        row(f"{short} forward FLOP/img", ("parts", name, "flops_per_image"), _fmt_flops, f"{name}_flops_per_image")
+    row("step img/s", ("step", "images_per_s"), "{:,.1f}".format, "step_images_per_s")
+    row("step FLOP/img", ("step", "flops_per_image"), _fmt_flops, "step_flops_per_image")
+    row("step FLOP/s (best)", ("step", "flops_per_s"), _fmt_flops)
+    row("% of matmul rate", ("step", "share_of_matmul"), lambda v: f"{100 * v:.3g}%", "step_share_of_matmul")
     if "peak" in report["matmul"]:
-        row("% of bf16 peak", lambda r: r["step"]["share_of_bf16_peak"], lambda v: f"{100 * v:.2f}%")
-    row("step peak MiB", lambda r: r["step"]["peak_memory_bytes"], lambda v: f"{v / 2**20:,.0f}",
-        "step_peak_memory_bytes")
+        row("% of bf16 peak", ("step", "share_of_bf16_peak"), lambda v: f"{100 * v:.2f}%")
+    row("step peak MiB", ("step", "peak_memory_bytes"), lambda v: f"{v / 2**20:,.0f}", "step_peak_memory_bytes")
     return table
 
 

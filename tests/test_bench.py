@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import invoke, tiny_recipe, write_toml
 
-from capsgan_toolkit.bench import count_flops, peak_for, time_each
+from capsgan_toolkit.bench import count_flops, cpu_tensor_peak, peak_for, time_each
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,12 @@ def test_time_each_and_peak_table():
     assert peak_for("NVIDIA H100 80GB HBM3")[0] == "H100 SXM"
     assert peak_for("NVIDIA H100 PCIe")[0] == "H100 PCIe"
     assert peak_for("NVIDIA L40S") is None and peak_for("Tesla T4") is None
+
+
+def test_cpu_tensor_peak_sees_a_temporary():
+    def fn():
+        big = torch.ones(10 * 2**20 // 4)  # 10 MiB, freed at once
+        return float(big.sum())
+
+    peak = cpu_tensor_peak(fn)
+    assert peak is None or peak >= 10 * 2**20
