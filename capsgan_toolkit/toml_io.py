@@ -37,7 +37,7 @@ def dumps_toml(data: dict, _prefix: str = "") -> str:
         if isinstance(value, dict):
             tables.append((key, value))
         else:
-            scalars.append(f"{_toml_key(key)} = {_toml_value(value)}")
+            scalars.append(f"{_toml_key(key)} = {toml_value(value)}")
     out = []
     if _prefix and scalars:
         out.append(f"[{_prefix}]")
@@ -54,7 +54,8 @@ def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """Write a plain value as an inline TOML value (what ``--set key=value`` parses back)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -62,7 +63,10 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{" + (f" {items} " if items else "") + "}"
     if value is None:
         raise ValueError("TOML has no null")
     raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -26,7 +26,6 @@ The spec turns into recipe overrides: the budget into ``run.epochs`` / ``run.max
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from capsgan_toolkit.errors import CapsganError
-from capsgan_toolkit.recipe import read_toml
+from capsgan_toolkit.toml_io import read_toml, toml_value
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -257,16 +256,4 @@ def _short(value: Any) -> str:
 
 def toml_inline(value: Any) -> str:
     """Write a plain value as an inline TOML value (what ``--set key=value`` parses back)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_inline(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{k if re.match(r'^[A-Za-z0-9_-]+$', k) else json.dumps(k)} = {toml_inline(v)}"
-                          for k, v in value.items())
-        return "{" + (f" {items} " if items else "") + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+    return toml_value(value)
