@@ -80,7 +80,7 @@ CASES = [Case("MNIST", (1, 28, 28), 32, 64, False), Case("CIFAR-10", (3, 32, 32)
 
 def previous_revision() -> str:
     """The commit before the one that added plugins/capsule_cpu.py (the GEMM convolution)."""
-    added = subprocess.run(["git", "-C", str(ROOT), "log", "--diff-filter=A", "--format=%H", "--",
+    added = subprocess.run(["git", "-C", str(ROOT), "log", "--diff-filter=A", "--format=%h", "--",
                             "plugins/capsule_cpu.py"], capture_output=True, text=True, check=True).stdout.split()
     if not added:
         raise SystemExit("plugins/capsule_cpu.py is not committed: give --previous REV")
