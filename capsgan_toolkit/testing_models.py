@@ -194,18 +194,23 @@ def check_generator(generator_cls: type[Generator], params: Mapping[str, Any] | 
             (images * _random_weights(images)).sum().backward()
         _check_gradients(chk, gen, "the generator")
         _check_input_gradient(chk, latent, "the latent")
-        outputs, states = [], []
-        for _ in range(2):
-            _seed(seed)
-            again = build(shape).train()
-            _seed(seed + 1)
-            with torch.no_grad():
-                outputs.append(again(latent.detach()))
-            states.append(again.state_dict())
-        chk.expect(_state_equal(*states) and torch.equal(*outputs), "determinism",
-                   "two builds under the same seed differ in weights or output: use torch's random numbers only")
+        _check_rebuilds_identically(chk, build, shape, latent.detach(), seed)
     chk.where = ""
     _expect_raises_capsgan_error(chk, build, bad_image_shapes)
+
+
+def _check_rebuilds_identically(chk, build, shape, inputs: torch.Tensor, seed: int) -> None:
+    """Build twice under the same seed: the same weights, and the same output on ``inputs``."""
+    outputs, states = [], []
+    for _ in range(2):
+        _seed(seed)
+        again = build(shape).train()
+        _seed(seed + 1)
+        with torch.no_grad():
+            outputs.append(again(inputs))
+        states.append(again.state_dict())
+    chk.expect(_state_equal(*states) and torch.equal(*outputs), "determinism",
+               "two builds under the same seed differ in weights or output: use torch's random numbers only")
 
 
 # ------------------------------------------------------------------------ discriminators
@@ -250,15 +255,6 @@ def check_discriminator(discriminator_cls: type[Discriminator], params: Mapping[
             (logits * _random_weights(logits)).sum().backward()
         _check_gradients(chk, disc, "the discriminator")
         _check_input_gradient(chk, images, "the images")
-        outputs, states = [], []
-        for _ in range(2):
-            _seed(seed)
-            again = build(shape).train()
-            _seed(seed + 1)
-            with torch.no_grad():
-                outputs.append(again(images.detach()))
-            states.append(again.state_dict())
-        chk.expect(_state_equal(*states) and torch.equal(*outputs), "determinism",
-                   "two builds under the same seed differ in weights or output: use torch's random numbers only")
+        _check_rebuilds_identically(chk, build, shape, images.detach(), seed)
     chk.where = ""
     _expect_raises_capsgan_error(chk, build, bad_image_shapes)
