@@ -82,6 +82,36 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
     return path
 
 
+def save_class_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path, *, min_cell: int = 64) -> Path:
+    """Save one labelled row of images per class, upscaled (nearest neighbour) to cells of at least ``min_cell`` px.
+
+    ``rows`` is ``[(label, images (N, C, H, W) in [-1, 1]), ...]``; shorter rows are left blank
+    on the right. The label of each row is written in a white margin on its left.
+    """
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+
+    side = rows[0][1].shape[-1]
+    scale = max(1, -(-min_cell // side))  # ceil: small images are enlarged, never blurred
+    cell, pad = side * scale, 2
+    width = max(r[1].shape[0] for r in rows)
+    label_w = 8 + 7 * max(len(label) for label, _ in rows)
+    canvas = Image.new("RGB", (label_w + width * (cell + pad) + pad, len(rows) * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, images) in enumerate(rows):
+        up = torch.nn.functional.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
+        grid = make_grid(to_uint8(up), nrow=images.shape[0], padding=pad, pad_value=255)
+        array = grid.permute(1, 2, 0).numpy()
+        tile = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).convert("RGB")
+        y = i * (cell + pad)
+        canvas.paste(tile, (label_w, y))
+        draw.text((4, y + cell // 2 - 5), label, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 def save_pairs(real: torch.Tensor, recon: torch.Tensor, path: str | Path) -> Path:
     """Save real images (odd rows) above their reconstructions (even rows)."""
     n = real.shape[0]

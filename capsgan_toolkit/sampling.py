@@ -17,7 +17,7 @@ import torch
 
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.metrics import fork_rng
-from capsgan_toolkit.reporting import save_grid, save_pairs, save_traversal
+from capsgan_toolkit.reporting import save_class_rows, save_pairs, save_traversal
 
 
 def _test_images(dataset, classes: list[int], per_class: int) -> dict[int, torch.Tensor]:
@@ -76,14 +76,21 @@ def write_samples(run, out_dir: str | Path, *, n: int = 64, class_index: int | N
         if obj.has_generation:
             obj.prepare_generation(built.dataset.split("train"), limit=ev.prior_images, seed=ev.seed,
                                    batch_size=ev.batch_size, device=run.device)
-            if class_index is None:
-                nrow = num_classes if obj.conditional else math.ceil(math.sqrt(n))
-                classes = torch.arange(n) % num_classes
-            else:
-                classes = torch.full((n,), class_index, dtype=torch.long)
-                nrow = math.ceil(math.sqrt(n))
-            fake = obj.generate(classes, torch.Generator().manual_seed(seed))
-            written.append(save_grid(fake, out / f"generated{suffix}.png", nrow=nrow))
+            wanted = list(range(num_classes)) if class_index is None else [class_index]
+            if obj.conditional:  # one labelled row per class, drawn from that class's prior (or noise)
+                fitted = set(getattr(obj, "fitted_classes", wanted))
+                wanted = [k for k in wanted if k in fitted]
+                per_row = max(1, math.ceil(n / len(wanted))) if class_index is None else n
+                classes = torch.tensor([k for k in wanted for _ in range(per_row)], dtype=torch.long)
+                fake = obj.generate(classes, torch.Generator().manual_seed(seed))
+                names = built.info.class_names or tuple(str(k) for k in range(num_classes))
+                rows = [(f"{k} {names[k]}", fake[i * per_row:(i + 1) * per_row]) for i, k in enumerate(wanted)]
+                written.append(save_class_rows(rows, out / f"generated{suffix}.png"))
+            else:  # an unconditional generator: classes mean nothing, one upscaled grid
+                fake = obj.generate(torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(seed))
+                side = math.ceil(math.sqrt(n))
+                rows = [("", fake[i:i + side]) for i in range(0, n, side)]
+                written.append(save_class_rows(rows, out / f"generated{suffix}.png"))
         if not obj.has_reconstruction:
             return written
         wanted = list(range(num_classes)) if class_index is None else [class_index]

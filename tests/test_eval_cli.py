@@ -132,8 +132,12 @@ def test_sample_writes_new_images_reconstructions_and_traversals(tiny_run, tmp_p
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (tmp_path / "all").iterdir())
     assert names == ["generated.png", "reconstructions.png"] + [f"traversal_class{k}.png" for k in range(10)]
-    # Glyphs 28x28 with 2-pixel padding: a column per class; traversals are D=4 rows of 11 steps per image (2).
-    assert Image.open(tmp_path / "all" / "generated.png").size == (10 * 30 + 2, 2 * 30 + 2)
+    # New images: one labelled row per class, 2 each, glyphs of 28 px enlarged 3x (cells of 84 px + 2 padding)
+    # after a label margin; traversals are D=4 rows of 11 steps per image (2), 28 px with 2-pixel padding.
+    width, height = Image.open(tmp_path / "all" / "generated.png").size
+    assert height == 10 * 86 + 2 and width > 2 * 86 + 2
+    top_left = Image.open(tmp_path / "all" / "generated.png").convert("L").crop((0, 0, width - 2 * 86 - 2, 86))
+    assert min(top_left.getextrema()) < 128  # the row's label is written in the margin
     assert Image.open(tmp_path / "all" / "traversal_class0.png").size == (11 * 30 + 2, 8 * 30 + 2)
     # 16 of the 20 pairs: whole rows of 8, real images above their reconstructions.
     assert Image.open(tmp_path / "all" / "reconstructions.png").size == (8 * 30 + 2, 4 * 30 + 2)
@@ -142,7 +146,8 @@ def test_sample_writes_new_images_reconstructions_and_traversals(tiny_run, tmp_p
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "three").iterdir()) == [
         "generated_class3.png", "reconstructions_class3.png", "traversal_class3.png"]
-    assert Image.open(tmp_path / "three" / "generated_class3.png").size == (2 * 30 + 2, 2 * 30 + 2)
+    width, height = Image.open(tmp_path / "three" / "generated_class3.png").size
+    assert height == 86 + 2 and width > 4 * 86  # one row of the 4 images of class 3
     result = invoke("sample", tiny_run, "--class", 10)
     assert result.exit_code == 2 and "classes 0 to 9" in result.output
 
