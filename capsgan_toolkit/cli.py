@@ -19,7 +19,7 @@ from rich.text import Text
 from capsgan_toolkit import __version__, api
 from capsgan_toolkit.bench import bench_command
 from capsgan_toolkit.cli_common import abort, console, friendly, option, warn
-from capsgan_toolkit.cli_eval import eval_command, sample_command
+from capsgan_toolkit.cli_eval import eval_command, probe_command, sample_command
 from capsgan_toolkit.compare.command import compare_command
 from capsgan_toolkit.errors import CapsganError, Interrupted
 from capsgan_toolkit.plugin_manager import load_plugins
@@ -221,6 +221,7 @@ def run(recipe, out, sets, resume, overwrite, quiet, strict_plugins):
 
 cli.add_command(eval_command)
 cli.add_command(sample_command)
+cli.add_command(probe_command)
 cli.add_command(bench_command)
 cli.add_command(new_plugin_command)
 

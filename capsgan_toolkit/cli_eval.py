@@ -71,3 +71,37 @@ def sample_command(run_dir, n, class_index, span, steps, seed, checkpoint, devic
     paths = write_samples(run, folder, n=n, class_index=class_index, span=span, steps=steps, seed=seed)
     for path in paths:
         console.print(f"wrote {path}", highlight=False)
+
+
+@click.command("probe")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@option("--n", "n", type=click.IntRange(min=10), default=1000, help="Test images (every class in turn).")
+@option("--checkpoint", default=None, help="final, best, or a checkpoint file (default: final.pt, else the newest).")
+@option("--device", type=DEVICES, default=None, help="Where to run (default: the recipe's run.device).")
+@friendly
+def probe_command(run_dir, n, checkpoint, device):
+    """Measure what the encoder keeps on turned, moved and scrambled test images; write probe.json and probe.png."""
+    import json
+
+    from rich.table import Table
+
+    from capsgan_toolkit import probe as probing
+    from capsgan_toolkit.api import load_trained
+    from capsgan_toolkit.reporting import save_class_rows
+
+    run = load_trained(run_dir, checkpoint=checkpoint, device=device)
+    rows = probing.probe(run, n=n)
+    run.rd.probe_file.write_text(json.dumps({"checkpoint": str(run.checkpoint), "rows": rows}, indent=2) + "\n",
+                                 encoding="utf-8")
+    per = 8
+    pictures = probing.examples(run, per)
+    save_class_rows([(name, pictures[i * per:(i + 1) * per]) for i, name in enumerate(probing.PERTURBATIONS)],
+                    run.rd.probe_picture_file)
+    table = Table(title=f"spatial-structure probe ({rows[0]['images']} test images)", title_justify="left")
+    for column in ("test images", "accuracy", "true-class capsule length", "reconstruction MSE [0, 1]"):
+        table.add_column(column, justify="left" if column == "test images" else "right")
+    shown = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for row in rows:
+        table.add_row(row["probe"], shown(row["acc"]), shown(row["true_class_length"]), shown(row["rec_mse01"]))
+    console.print(table)
+    console.print(f"Wrote {run.rd.probe_file} and {run.rd.probe_picture_file}", highlight=False)

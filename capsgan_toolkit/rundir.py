@@ -7,6 +7,7 @@ A run folder holds::
     summary.json         written when training ends: accuracy, time, speed, memory, parameters
     eval.json            written by `capsgan eval`: metrics with their protocols
     eval_protocol.json   the protocol of the last evaluation during training
+    probe.json, .png     written by `capsgan probe`: the spatial-structure probe
     curves.png           training curves
     traversal.png        capsule traversal picture (objectives with an encoder and a generator)
     samples/             sample grids per epoch (epoch_001.png, ...)
@@ -61,6 +62,8 @@ class RunDir:
         self.summary_file = self.path / "summary.json"
         self.eval_file = self.path / "eval.json"
         self.eval_protocol_file = self.path / "eval_protocol.json"
+        self.probe_file = self.path / "probe.json"
+        self.probe_picture_file = self.path / "probe.png"
         self.curves_file = self.path / "curves.png"
         self.traversal_file = self.path / "traversal.png"
         self.samples_dir = self.path / "samples"
