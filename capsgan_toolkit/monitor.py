@@ -92,10 +92,12 @@ class Monitor:
         try:
             with averaged(getattr(self.t, "ema", None)):
                 if obj.has_reconstruction:
-                    return save_pairs(images, obj.reconstruct(images), path)
+                    return save_pairs(images, obj.reconstruct(images), path, min_cell=64)  # big enough to see
                 if obj.has_generation:
                     fixed = torch.Generator().manual_seed(self.recipe.run.seed + 12345)  # the same noise every epoch
                     fake = obj.generate(labels.cpu(), fixed)
+                    scale = max(1, -(-64 // fake.shape[-1]))  # cells of at least 64 px, to be seen
+                    fake = torch.nn.functional.interpolate(fake, scale_factor=scale, mode="nearest")
                     return save_grid(fake, path, nrow=min(8, fake.shape[0]))
         finally:
             obj.train()

@@ -112,8 +112,15 @@ def save_class_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path, *, m
     return path
 
 
-def save_pairs(real: torch.Tensor, recon: torch.Tensor, path: str | Path) -> Path:
-    """Save real images (odd rows) above their reconstructions (even rows)."""
+def save_pairs(real: torch.Tensor, recon: torch.Tensor, path: str | Path, *, min_cell: int = 0) -> Path:
+    """Save real images (odd rows) above their reconstructions (even rows).
+
+    With ``min_cell``, images smaller than that are enlarged (nearest neighbour, a whole factor) first.
+    """
+    scale = max(1, -(-min_cell // real.shape[-1])) if min_cell else 1
+    if scale > 1:
+        real = torch.nn.functional.interpolate(real.detach().float(), scale_factor=scale, mode="nearest")
+        recon = torch.nn.functional.interpolate(recon.detach().float(), scale_factor=scale, mode="nearest")
     n = real.shape[0]
     nrow = min(n, 8)
     rows = []
