@@ -105,3 +105,13 @@ def class_balanced_indices(labels: Sequence[int] | torch.Tensor, n: int, seed: i
                     break
         depth += 1
     return picked
+
+
+def split_labels(dataset, limit: int | None = None) -> list[int]:
+    """Return the labels of a split's first ``limit`` items (all by default), without decoding images
+    when the split keeps its labels in a ``labels`` tensor (as :class:`ImageTensorDataset` does)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor) and len(labels) == len(dataset):
+        return [int(v) for v in labels[:n].tolist()]
+    return [int(dataset[i][1]) for i in range(n)]

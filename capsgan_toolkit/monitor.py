@@ -14,18 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from capsgan_toolkit.build import count_parameters
+from capsgan_toolkit.data import class_balanced_indices, split_labels
 from capsgan_toolkit.ema import averaged
 from capsgan_toolkit.events import EvaluationDone, emit
 from capsgan_toolkit.reporting import plot_curves, read_metrics, save_grid, save_pairs, save_traversal
-
-
-def _balanced(labels: list[int], n: int) -> list[int]:
-    """Indices of up to ``n`` items, round-robin over classes, so every class shows up."""
-    try:
-        from capsgan_toolkit.data import class_balanced_indices
-    except ImportError:  # pragma: no cover - building block not present
-        return list(range(min(n, len(labels))))
-    return class_balanced_indices(labels, n)
 
 
 class Monitor:
@@ -37,8 +29,8 @@ class Monitor:
         self.console = trainer.console
         self._evaluator = None
         test = trainer.test_set
-        labels = [int(test[i][1]) for i in range(min(len(test), 4096))]
-        self.sample_indices = _balanced(labels, self.recipe.output.sample_images)
+        labels = split_labels(test, 4096)  # read from the labels tensor where there is one: no image decoding
+        self.sample_indices = class_balanced_indices(labels, self.recipe.output.sample_images)
 
     # ------------------------------------------------------------------ per epoch
 

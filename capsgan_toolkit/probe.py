@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from capsgan_toolkit.data import class_balanced_indices
+from capsgan_toolkit.data import class_balanced_indices, split_labels
 
 
 def _affine(images: torch.Tensor, degrees: float = 0.0, dx: float = 0.0, dy: float = 0.0) -> torch.Tensor:
@@ -59,7 +59,7 @@ def probe(run, *, n: int = 1000, batch_size: int = 100) -> list[dict[str, Any]]:
 
     obj, encoder, device = run.objective, run.built.parts.encoder, run.device
     test = run.built.dataset.split("test")
-    labels_all = [int(test[i][1]) for i in range(len(test))]
+    labels_all = split_labels(test)
     picked = class_balanced_indices(labels_all, min(n, len(test)))
     images = torch.stack([test[i][0] for i in picked])
     labels = torch.tensor([labels_all[i] for i in picked])
@@ -88,6 +88,6 @@ def probe(run, *, n: int = 1000, batch_size: int = 100) -> list[dict[str, Any]]:
 def examples(run, count: int = 8) -> torch.Tensor:
     """Return a grid-ready batch: for each perturbation, ``count`` perturbed test images (one per class)."""
     test = run.built.dataset.split("test")
-    labels = [int(test[i][1]) for i in range(len(test))]
+    labels = split_labels(test)
     images = torch.stack([test[i][0] for i in class_balanced_indices(labels, count)])
     return torch.cat([perturb(images) for perturb in PERTURBATIONS.values()])

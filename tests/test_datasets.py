@@ -634,3 +634,15 @@ def test_registration_and_default_construction():
         registry.create("dataset", "image_folder")
     with pytest.raises(RegistryError, match="on_corrupt"):
         registry.create("dataset", "image_folder", {"root": ".", "on_corrupt": "ignore"})
+
+
+def test_split_labels_reads_the_labels_tensor_or_the_items():
+    import torch
+
+    from capsgan_toolkit.data import ImageTensorDataset, split_labels
+
+    images = torch.zeros(5, 1, 4, 4, dtype=torch.uint8)
+    tensor_backed = ImageTensorDataset(images, torch.tensor([3, 1, 4, 1, 5]))
+    assert split_labels(tensor_backed) == [3, 1, 4, 1, 5] and split_labels(tensor_backed, 2) == [3, 1]
+    plain = [(torch.zeros(1, 4, 4), k) for k in (2, 7, 1)]  # no labels attribute: read item by item
+    assert split_labels(plain) == [2, 7, 1] and split_labels(plain, 10) == [2, 7, 1]
