@@ -30,3 +30,13 @@ def registry(plugins):
 def tiny_recipe():
     """A fresh copy of a recipe dict that trains two 3-step epochs in seconds."""
     return copy.deepcopy(TINY_RECIPE)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread: their tensors are tiny, and a second OpenMP
+    thread only adds spin-waits, which turn into long stalls when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -81,14 +81,7 @@ def _ref_predictions(enc: CapsNetEncoder, images: torch.Tensor) -> np.ndarray:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: a second OpenMP thread only adds spin-waits, which
-    # turn into long stalls when other processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _tiny(**overrides) -> CapsNetEncoder:

@@ -17,12 +17,7 @@ from capsgan_plugins.capsule import CapsNetEncoder, CapsNetParams, dynamic_routi
 from capsgan_plugins.capsule_cpu import conv_nhwc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _conv(cin, cout, k, stride, padding=0, bias=True, channels_last=True):
