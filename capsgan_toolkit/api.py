@@ -43,16 +43,9 @@ def load_recipe(path: str | Path, sets=(), *, strict_plugins: bool = False,
     extra = run.get("plugins", []) if isinstance(run, dict) else []
     if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
         raise RecipeError(f"{path}: run.plugins must be a list of module names, got {extra!r}.")
-    plugins = _load_plugins(extra, strict_plugins)
+    plugins = load_plugins(extra, strict=strict_plugins)
     _report_plugins(plugins, warn)
     return plugins, resolve(data, plugins.registry, source=str(path), overrides=applied)
-
-
-def _load_plugins(extra, strict: bool) -> PluginSet:
-    try:
-        return load_plugins(extra, strict=strict)
-    except TypeError:  # a plugin manager without strict mode
-        return load_plugins(extra)
 
 
 def _report_plugins(plugins: PluginSet, warn) -> None:

@@ -61,7 +61,7 @@ def validate(recipe, sets, strict_plugins):
 @friendly
 def plugins(family, params, as_json, strict_plugins):
     """List every registered component by family, with its source and params."""
-    loaded = load_plugins(strict=strict_plugins) if strict_plugins else load_plugins()
+    loaded = load_plugins(strict=strict_plugins)
     for broken in loaded.broken:
         warn(f"{broken.describe()}. Its components are unavailable.")
     for line in getattr(loaded, "warnings", []):
