@@ -71,6 +71,29 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         console: a rich console for progress (``None``: quiet).
         strict_plugins: see :func:`load_recipe`.
     """
+    from capsgan_toolkit import distributed
+
+    dist = distributed.setup(_device_hint(recipe, out, sets))  # torchrun: join the process group (else nothing)
+    try:
+        return _train(recipe, out=out, sets=sets, resume=resume, overwrite=overwrite,
+                      console=console if dist.is_main else None, strict_plugins=strict_plugins, dist=dist)
+    finally:
+        distributed.teardown()
+
+
+def _device_hint(recipe, out, sets) -> str:
+    """Return ``run.device`` as given (for the process-group backend), before the recipe is validated."""
+    for text in sets:
+        if text.replace(" ", "").startswith("run.device="):
+            return text.split("=", 1)[1].strip().strip('"\'')
+    path = recipe if recipe is not None else (RunDir(out).recipe_file if out is not None else None)
+    try:
+        return str(read_toml(path).get("run", {}).get("device", "auto")) if path is not None else "auto"
+    except Exception:  # an unreadable recipe is reported by load_recipe, with its own message
+        return "auto"
+
+
+def _train(recipe, *, out, sets, resume, overwrite, console, strict_plugins, dist) -> dict[str, Any]:
     from capsgan_toolkit.trainer import Trainer
 
     warn = None if console is None else (lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False))
@@ -86,9 +109,10 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
             raise CapsganError(
                 f"Cannot resume {rd.path} with this recipe: these keys changed in ways that break the run:\n  "
                 + "\n  ".join(changes) + "\nResume with the run's own recipe (omit RECIPE), or start a new run with --out.")
-        rd.write_recipe(resolved)
-        if state is None:
-            rd.metrics_file.unlink(missing_ok=True)  # rows of the attempt that left no checkpoint
+        if dist.is_main:
+            rd.write_recipe(resolved)
+            if state is None:
+                rd.metrics_file.unlink(missing_ok=True)  # rows of the attempt that left no checkpoint
         if console is not None:
             console.print(f"Resuming {rd.path} from {checkpoint_path.name}" if checkpoint_path is not None
                           else f"{rd.path} holds no checkpoint yet: starting it from the beginning", highlight=False)
@@ -97,13 +121,21 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         if recipe is None:
             raise CapsganError("Give a RECIPE to train, or --resume RUN_DIR to continue a run.")
         plugins, resolved = load_recipe(recipe, sets, strict_plugins=strict_plugins, warn=warn)
+        if not dist.is_main:
+            dist.barrier()  # rank 0 downloads the data and makes the folder first
         built = build(resolved, plugins)  # contracts are checked before any folder is made
-        rd = RunDir.create(Path(out) if out else RunDir.default_path(resolved), overwrite=overwrite)
-        rd.write_recipe(resolved)
+        path = Path(out) if out else RunDir.default_path(resolved)
+        if dist.is_main:
+            rd = RunDir.create(path, overwrite=overwrite)
+            rd.write_recipe(resolved)
+            dist.barrier()
+        else:
+            rd = RunDir(path)
         try:
             trainer = Trainer(resolved, plugins, rd.path, console=console, built=built)
         except CapsganError:
-            rd.discard_unstarted()  # e.g. a missing data set: the same command works once fixed
+            if dist.is_main:
+                rd.discard_unstarted()  # e.g. a missing data set: the same command works once fixed
             raise
     if console is not None:
         r = resolved.recipe

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capsgan_toolkit import distributed
+
 
 @dataclass(frozen=True)
 class RunStart:
@@ -81,4 +83,6 @@ _HOOKS = {RunStart: "capsgan_run_start", EpochEnd: "capsgan_epoch_end", Checkpoi
 
 def emit(manager, event) -> None:
     """Call the hook of ``event``'s type on every plugin of ``manager`` (a pluggy PluginManager)."""
+    if not distributed.current().is_main:  # in a torchrun run, rank 0 alone reports (and writes)
+        return
     getattr(manager.hook, _HOOKS[type(event)])(event=event)

@@ -31,6 +31,7 @@ from capsgan_toolkit.errors import RecipeError, RegistryError
 from capsgan_toolkit.toml_io import dumps_toml, read_toml  # noqa: F401  (dumps_toml: importable from here too)
 from capsgan_toolkit.optim import DivergenceSpec, OptimizerSpec
 from capsgan_toolkit.registry import Registry, suggest
+from capsgan_toolkit.speed import SpeedSection
 
 
 class _Strict(BaseModel):
@@ -140,6 +141,7 @@ class Recipe(_Strict):
     output: OutputSection = Field(default_factory=OutputSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     ema: EmaSection | None = Field(None, description="Exponential moving average of the generator (off when absent).")
+    speed: SpeedSection = Field(default_factory=SpeedSection, description="Speed options (docs/performance.md).")
 
     def spec(self, key: str) -> ComponentSpec | None:
         """Return the component table at a dotted slot key (``losses.adversarial``), or ``None``."""

@@ -32,6 +32,7 @@ from capsgan_toolkit.recipe import ResolvedRecipe, dumps_toml
 RESUMABLE_CHANGES = (
     "run.epochs", "run.device", "run.threads", "run.eval_batches", "run.log_every", "run.name",
     "run.max_steps", "run.max_minutes", "checkpoint.", "output.", "eval.",
+    "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.pin_memory",
 )
 """Recipe keys that may differ between a run and its resume; any other change is refused."""
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from capsgan_toolkit import checkpoint as ckpt
+from capsgan_toolkit import distributed
 from capsgan_toolkit.errors import NumericalError
 from capsgan_toolkit.optim import build_optimizer, clip_gradients, scale_learning_rates
 
@@ -32,9 +33,11 @@ class Optimizers:
         modules: the models by name (to name the one whose gradient is NaN).
         pos: the run's :class:`~capsgan_toolkit.training_state.Position` (step, skipped steps, logged values).
         checkpoints_dir: where the last good checkpoint is (for the NaN message).
+        dist: the run's :class:`~capsgan_toolkit.distributed.Distributed` (gradients averaged over ranks).
     """
 
-    def __init__(self, resolved, parameters: dict[str, list], *, total_steps: int, modules, pos, checkpoints_dir):
+    def __init__(self, resolved, parameters: dict[str, list], *, total_steps: int, modules, pos, checkpoints_dir,
+                 dist=None):
         self.resolved, self.recipe = resolved, resolved.recipe
         self.params = {name: p for name, p in parameters.items() if p}
         self.optimizers, self.schedulers = {}, {}
@@ -43,16 +46,19 @@ class Optimizers:
                 resolved.optim[name], params, total_steps=total_steps)
         self.modules, self.pos, self.checkpoints_dir = modules, pos, checkpoints_dir
         self.step_skipped = False
+        self.dist = dist if dist is not None else distributed.current()
 
     def update(self, optimizer: str, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
         """Check ``terms``, back-propagate ``loss``, clip, check the gradients and step ``optimizer``."""
         if optimizer not in self.optimizers:
             return False
-        if not self._finite(terms, "the loss"):
+        if not self._finite(self.dist.all_finite(terms), "the loss"):
             return False
         opt = self.optimizers[optimizer]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.autocast(loss.device.type, enabled=False):  # backward outside any bf16 autocast region
+            loss.backward()
+        self.dist.average_gradients(self.params[optimizer])  # identical gradients (and norms) on every rank
         norm = clip_gradients(self.params[optimizer], self.resolved.optim[optimizer].clip_norm)
         if not math.isfinite(norm):
             bad = {name: torch.tensor(float("nan")) for name, m in self.modules.items()

@@ -10,32 +10,33 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from capsgan_toolkit import __version__
 from capsgan_toolkit import checkpoint as ckpt
+from capsgan_toolkit import distributed
 from capsgan_toolkit.build import Built, build, pick_device
 from capsgan_toolkit.divergence import DivergenceGuard
 from capsgan_toolkit.ema import EMA
-from capsgan_toolkit.errors import CheckpointError, Interrupted
-from capsgan_toolkit.events import CheckpointSaved, EpochEnd, RunEnd, RunStart, emit
+from capsgan_toolkit.errors import Interrupted
+from capsgan_toolkit.events import EpochEnd, RunEnd, RunStart, emit
 from capsgan_toolkit.interfaces import TrainState
 from capsgan_toolkit.monitor import Monitor, count_flops
 from capsgan_toolkit.reporting import MetricsLog
 from capsgan_toolkit.rundir import RunDir
 from capsgan_toolkit.stepping import TERMS, Optimizers
-from capsgan_toolkit.training_state import DataPlan, Position, StopSignals, epoch_permutation, rng_state, set_rng_state
+from capsgan_toolkit.speed import Speed
+from capsgan_toolkit.trainer_checkpoints import Checkpointing
+from capsgan_toolkit.training_state import DataPlan, Position, StopSignals, epoch_permutation
 
 
 class _RolledBack(Exception):
     """The divergence guard restored an earlier checkpoint: the epoch restarts from its position."""
 
 
-class Trainer:
+class Trainer(Checkpointing):
     """Train one resolved recipe into a run folder (created by the caller).
 
     ``plugins`` is the loaded PluginSet, ``console`` a rich console (``None``: quiet), ``resume_from``
@@ -47,10 +48,13 @@ class Trainer:
         self.rd = RunDir(run_dir)
         self.built = built if built is not None else build(resolved, plugins)  # seeds the RNGs first
         self.objective, run = self.built.objective, self.recipe.run
-        self.device = pick_device(run.device)
+        self.dist = distributed.current()  # rank 0 of 1 unless torchrun started several processes
+        self.device = self.dist.device(pick_device(run.device))
         for module in [*self.built.modules().values(), *(self.built.parts.get(k) for k in TERMS)]:
             if module is not None:
                 module.to(self.device)
+        self.dist.broadcast_modules(self.built.modules().values())
+        self.speed = Speed(self.recipe.speed, self.device, self.built)  # channels-last, compile, bf16, cudnn
         self.flops_per_image = count_flops(self.built)
         data = DataPlan.make(self.built, resolved)
         self.train_set, self.val_set, self.test_set = data.train_set, data.val_set, data.test_set
@@ -58,11 +62,12 @@ class Trainer:
         self.total_steps = data.total_steps
         self.pos = Position(run.running_momentum)
         self.opt = Optimizers(resolved, self.objective.optimizer_parameters(), total_steps=self.total_steps,
-                              modules=self.built.modules(), pos=self.pos, checkpoints_dir=self.rd.checkpoints_dir)
+                              modules=self.built.modules(), pos=self.pos, checkpoints_dir=self.rd.checkpoints_dir,
+                              dist=self.dist)
         self.ema = EMA.from_recipe(self.recipe.ema, self.built.parts, self.opt.params)  # None without [ema]
         self.update = self.ema.wrap(self.opt.update) if self.ema is not None else self.opt.update
         self.guard = DivergenceGuard(run.divergence)
-        self.metrics = MetricsLog(self.rd.metrics_file)
+        self.metrics = MetricsLog(self.rd.metrics_file) if self.dist.is_main else distributed.DiscardLog()
         self.monitor = Monitor(self)
         self.stopped_by, self.signals, self._last_minutes_ckpt = None, StopSignals(), time.monotonic()
         self.resumed = resume_from is not None
@@ -73,52 +78,6 @@ class Trainer:
 
         preflight(resolved, plugins.registry, self.built.info)  # e.g. Inception weights missing offline: fail now
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return everything needed to continue exactly (see the module docstring)."""
-        pos = self.pos.state_dict()
-        return {
-            "format": ckpt.FORMAT_VERSION, "toolkit_version": __version__,
-            "recipe": self.resolved.to_dict(), "recipe_digest": self.resolved.digest(),
-            "models": {name: m.state_dict() for name, m in self.built.modules().items()},
-            **self.opt.state_dict(),
-            "gate": self.built.gate.state_dict(), "guard": self.guard.state_dict(),
-            "position": {k: pos.pop(k) for k in ("epoch", "batch_in_epoch", "step")},
-            "running": pos, "rng": rng_state(), "ema": self.ema.state_dict() if self.ema is not None else None,
-        }
-
-    def _restore(self, state: dict[str, Any], path) -> None:
-        expected = set(self.built.modules())
-        if set(state.get("models", {})) != expected:
-            raise CheckpointError(f"{path} holds models {sorted(state.get('models', {}))}, but this recipe builds "
-                                  f"{sorted(expected)}. It comes from another recipe.")
-        try:
-            for name, module in self.built.modules().items():
-                module.load_state_dict(state["models"][name])
-            self.opt.load_state_dict(state)
-            self.pos.load_state_dict({**state["position"], **state["running"]})
-            if self.ema is not None:
-                self.ema.load_state_dict(state["ema"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{path} does not fit the models of this recipe ({str(exc).splitlines()[0]}). "
-                                  "It comes from another recipe or an incompatible version.") from None
-        self.built.gate.load_state_dict(state["gate"])
-        self.guard.load_state_dict(state["guard"])
-        set_rng_state(state["rng"])
-        self.metrics.truncate_after(self.pos.step, self.pos.epoch)
-
-    def save(self, name: str) -> Path:
-        """Write checkpoint ``name`` atomically into checkpoints/."""
-        path = ckpt.save_checkpoint(self.state_dict(), self.rd.checkpoint_file(name))
-        self._last_minutes_ckpt = time.monotonic()
-        emit(self.plugins.manager, CheckpointSaved(self.rd.path, path, self.pos.epoch, self.pos.step))
-        return path
-
-    def _save_periodic(self) -> None:  # a step_*.pt, keeping the last checkpoint.keep_last
-        self.save(ckpt.periodic_name(self.pos.step))
-        ckpt.prune(self.rd.checkpoints_dir, self.recipe.checkpoint.keep_last)
-
     # ------------------------------------------------------------------ one step
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -127,7 +86,13 @@ class Trainer:
         phases = self.built.gate.decide(TrainState(
             epoch=pos.epoch, step=pos.step, encoder_acc=pos.encoder_acc.value or 0.0,
             disc_acc=pos.disc_acc.value, has_discriminator=self.built.parts.discriminator is not None))
-        result = self.objective.step(images, labels, phases, self.update)
+        if self.dist.active:  # each rank draws its own noise; a pure function of the step: nothing to save
+            torch.manual_seed(distributed.step_seed(self.recipe.run.seed, pos.step, self.dist.rank))
+        with self.speed.autocast():
+            result = self.objective.step(self.built.augment(images, pos.step), labels, phases, self.update)
+        if self.dist.active:  # the same running accuracies, gate and guard decisions on every rank
+            result = self.dist.reduce_result(result)
+            self.dist.broadcast_modules(self.built.modules().values(), buffers_only=True)
         if self.ema is not None:
             self.ema.end_step()  # one EMA update per step that changed an averaged model
         self.opt.end_step()
@@ -180,6 +145,8 @@ class Trainer:
                     self._end_epoch()
         finally:
             self.signals.restore()
+        if not self.dist.is_main:
+            return {}
         self.save("final.pt")
         self.monitor.save_traversal()
         summary = self.monitor.summary()
@@ -189,41 +156,51 @@ class Trainer:
 
     def _run_epoch(self, progress, task) -> None:
         run, pos = self.recipe.run, self.pos
-        order = epoch_permutation(run.seed, pos.epoch, len(self.train_set))
-        batches = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+        order, size = epoch_permutation(run.seed, pos.epoch, len(self.train_set)), self.batch_size * self.dist.world_size
+        batches = [self.dist.shard(order[i * size:(i + 1) * size].tolist(), self.batch_size)
                    for i in range(pos.batch_in_epoch, self.batches_per_epoch)]
         # An own generator: a DataLoader draws its base seed from the global RNG otherwise (resume-unsafe).
         loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.resolved.params["data"].num_workers,
-                            generator=torch.Generator().manual_seed(run.seed * 1_000_003 + pos.epoch))
+                            generator=torch.Generator().manual_seed(run.seed * 1_000_003 + pos.epoch),
+                            pin_memory=self.speed.pin_memory)
         tick = time.perf_counter()
         for images, labels in loader:
-            self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            self.train_step(self.speed.batch(images.to(self.device, non_blocking=True)),
+                            labels.to(self.device, non_blocking=True))
             now = time.perf_counter()
             pos.advance(images.shape[0], now - tick)
             tick = now
             if pos.step % run.log_every == 0:
                 progress.update(task, status=self.monitor.status(self.monitor.log_interval(self.last_phases)))
             progress.advance(task)
-            if self.signals.received is not None:
+            if self.dist.any(self.signals.received is not None):  # all ranks stop at the same step
                 self._interrupt()
             minutes = self.recipe.checkpoint.every_minutes
             if minutes and time.monotonic() - self._last_minutes_ckpt >= 60 * minutes:
                 self._save_periodic()
             if run.max_steps and pos.step >= run.max_steps:
                 self.stopped_by = "run.max_steps"
-            elif run.max_minutes and pos.elapsed >= 60 * run.max_minutes:
+            elif run.max_minutes and self.dist.any(pos.elapsed >= 60 * run.max_minutes):
                 self.stopped_by = "run.max_minutes"
             if self.stopped_by is not None:
                 break
 
     def _end_epoch(self) -> None:
-        pos, run = self.pos, self.recipe.run
+        done = self.pos.epoch + 1
+        last = done == self.recipe.run.epochs or self.stopped_by is not None
+        if self.dist.is_main:  # evaluation, pictures, checkpoints and events: rank 0 alone
+            self._epoch_outputs(done, last)
+        else:
+            self.pos.epoch, self.pos.batch_in_epoch = done, 0
+        if self.dist.any(self.signals.received is not None) and not last:
+            self._interrupt()  # the signal came during the end-of-epoch work
+
+    def _epoch_outputs(self, done: int, last: bool) -> None:
+        pos = self.pos
         row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.step, **self.monitor.epoch_metrics(),
                "encoder_acc": pos.encoder_acc.value, "disc_acc": pos.disc_acc.value, "time_s": pos.elapsed}
         self.metrics.append(row)
         self.monitor.periodic_evaluation(pos.epoch, pos.step)
-        done = pos.epoch + 1
-        last = done == run.epochs or self.stopped_by is not None
         due = done % self.recipe.output.samples_every_epochs == 0 or last
         sample = self.monitor.save_samples(done) if due else None
         self.monitor.plot()
@@ -239,11 +216,10 @@ class Trainer:
         self.monitor.say_epoch(row)
         emit(self.plugins.manager, EpochEnd(self.rd.path, row["epoch"], row["step"], row, sample,
                                             self.monitor.histograms()))
-        if self.signals.received is not None and not last:
-            self._interrupt()  # the signal came during the end-of-epoch work
 
     def _interrupt(self) -> None:
-        path = self.save("interrupt.pt")
-        name = signal.Signals(self.signals.received).name
+        path = self.save("interrupt.pt")  # None on ranks other than 0
+        received = self.signals.received
+        name = signal.Signals(received).name if received is not None else "a signal to another rank"
         raise Interrupted(f"Stopped by {name} at epoch {self.pos.epoch}, step {self.pos.step}; checkpoint saved to "
                           f"{path}. Resume with: capsgan run --resume {self.rd.path}")

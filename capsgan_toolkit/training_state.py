@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from capsgan_toolkit import distributed
 from capsgan_toolkit.errors import CapsganError
 
 
@@ -198,12 +199,13 @@ class DataPlan:
         fraction = run.val_fraction if built.objective.has_classifier else 0.0
         kept, held = split_train_val(len(train), fraction, run.seed)
         train_set = Subset(train, kept) if held else train
-        batch_size = resolved.params["data"].batch_size
-        if len(train_set) < batch_size:
+        batch_size, world = resolved.params["data"].batch_size, distributed.current().world_size
+        if len(train_set) < batch_size * world:
+            ranks = f" x {world} processes" if world > 1 else ""
             raise CapsganError(
-                f"{resolved.source}: data.batch_size = {batch_size} is larger than the training split "
+                f"{resolved.source}: data.batch_size = {batch_size}{ranks} is larger than the training split "
                 f"({len(train_set)} images after holding out run.val_fraction). Lower data.batch_size.")
-        full = len(train_set) // batch_size
+        full = len(train_set) // (batch_size * world)  # global batches: data.batch_size per rank
         per_epoch = min(full, run.steps_per_epoch) if run.steps_per_epoch else full
         total = run.epochs * per_epoch
         return cls(train_set, Subset(train, held) if held else None, built.dataset.split("test"), batch_size,

@@ -1,0 +1,83 @@
+"""The recipe's [speed] options: each changes how a step runs, not what it computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import invoke, tiny_recipe, write_toml
+
+from capsgan_toolkit import api
+from capsgan_toolkit.checkpoint import load_checkpoint
+
+
+def _train(tmp_path, name: str, **speed) -> dict:
+    data = tiny_recipe()
+    data["run"]["epochs"] = 1
+    if speed:
+        data["speed"] = speed
+    summary = api.train(write_toml(tmp_path / f"{name}.toml", data), out=tmp_path / name)
+    return summary, load_checkpoint(tmp_path / name / "checkpoints" / "final.pt")["models"]
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max((x - b[m][k]).abs().max().item() for m in a for k, x in a[m].items() if x.is_floating_point())
+
+
+def test_channels_last_trains_the_same_weights_up_to_rounding(tmp_path):
+    _, plain = _train(tmp_path, "plain")
+    _, nhwc = _train(tmp_path, "nhwc", channels_last=True)
+    assert 0 <= _max_difference(plain, nhwc) < 1e-4
+
+
+def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path):
+    from capsgan_toolkit.build import build
+    from capsgan_toolkit.speed import Speed, SpeedSection
+
+    plugins, resolved = api.load_recipe(write_toml(tmp_path / "r.toml", tiny_recipe()))
+    built = build(resolved, plugins)
+    speed = Speed(SpeedSection(channels_last=True), torch.device("cpu"), built)
+    convs = [m.weight for m in built.modules()["generator"].modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+    batch = speed.batch(torch.randn(2, 3, 8, 8))
+    assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
+
+
+def test_bf16_autocast_runs_forward_passes_in_bfloat16_and_keeps_weights_float32(tmp_path):
+    from capsgan_toolkit.speed import Speed, SpeedSection
+
+    speed = Speed(SpeedSection(precision="bf16"), torch.device("cpu"), type("B", (), {"modules": lambda self: {}})())
+    layer = torch.nn.Linear(4, 4)
+    with speed.autocast():
+        out = layer(torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+    summary, weights = _train(tmp_path, "bf16", precision="bf16")
+    assert summary["steps"] == 3
+    assert all(t.dtype == torch.float32 for m in weights.values() for t in m.values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for m in weights.values() for t in m.values() if t.is_floating_point())
+
+
+def test_speed_keys_are_validated_and_listed_in_validate(tmp_path):
+    data = tiny_recipe()
+    data["speed"] = {"precision": "fp8"}
+    result = invoke("validate", write_toml(tmp_path / "bad.toml", data), catch_exceptions=True)
+    assert result.exit_code != 0 and "speed.precision" in result.output and "bf16" in result.output
+    data["speed"] = {"channels_last": True}
+    result = invoke("validate", write_toml(tmp_path / "good.toml", data))
+    assert result.exit_code == 0 and "channels_last" in result.output
+
+
+def test_resume_may_change_layout_options_but_not_the_precision(tmp_path):
+    data = tiny_recipe()
+    api.train(write_toml(tmp_path / "r.toml", data), out=tmp_path / "run", sets=["run.max_steps=2"])
+    summary = api.train(None, out=tmp_path / "run", resume=True, sets=["run.max_steps=0", "speed.channels_last=true"])
+    assert summary["steps"] > 2  # it continued with the new layout
+    api.train(write_toml(tmp_path / "r2.toml", data), out=tmp_path / "run2", sets=["run.max_steps=2"])
+    with pytest.raises(Exception, match="speed.precision"):
+        api.train(None, out=tmp_path / "run2", resume=True, sets=["run.max_steps=0", "speed.precision=\"bf16\""])
+
+
+@pytest.mark.slow
+def test_compiled_models_train_to_the_same_weights_up_to_rounding(tmp_path):
+    _, plain = _train(tmp_path, "plain")
+    _, compiled = _train(tmp_path, "compiled", compile=True)
+    assert _max_difference(plain, compiled) < 1e-3
