@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from capsgan_toolkit.augment import Augmenter, wrap_dataset
 from capsgan_toolkit.errors import CapsganError, ContractError
 from capsgan_toolkit.interfaces import DatasetInfo, DatasetPlugin, Gate
 from capsgan_toolkit.objective import Objective, Parts
@@ -40,6 +41,11 @@ class Built:
 
     def modules(self) -> dict[str, nn.Module]:
         return self.parts.modules()
+
+    @property
+    def augment(self) -> Augmenter:
+        """``built.augment(images, step)``: a training batch augmented as ``[augment]`` asks (identity without it)."""
+        return Augmenter(self.resolved.recipe.augment, self.resolved.recipe.run.seed)
 
 
 def pick_device(name: str) -> torch.device:
@@ -105,7 +111,8 @@ def build(resolved: ResolvedRecipe, plugins, *, check: bool = True) -> Built:
     if run.threads:
         torch.set_num_threads(run.threads)
     seed_everything(run.seed)
-    dataset = create(plugins, resolved, "data")
+    # [augment] crop: the models are built for, and every split serves, the centre crop (augment.CentreCropped)
+    dataset = wrap_dataset(create(plugins, resolved, "data"), resolved.recipe.augment, resolved.source)
     info = dataset.info
     objective_cls = plugins.registry.get("objective", resolved.recipe.objective.plugin).cls
     objective_params = resolved.params["objective"]

@@ -57,8 +57,11 @@ class EvalReport:
 
 
 def data_id(resolved: ResolvedRecipe) -> str:
-    """Identify the data set's content: its plugin and params, minus batching and workers."""
+    """Identify the data set's content: its plugin and params, minus batching and workers, plus ``augment.crop``
+    (every split is then the centre crop)."""
     table = {k: v for k, v in resolved.to_dict()["data"].items() if k not in ("batch_size", "num_workers")}
+    if resolved.recipe.augment is not None and resolved.recipe.augment.crop:
+        table["augment.crop"] = resolved.recipe.augment.crop
     return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
 
 

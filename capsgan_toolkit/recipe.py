@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from capsgan_toolkit.augment import AugmentSection
 from capsgan_toolkit.catalogue import EVAL_METRICS, EvalSection  # noqa: F401  (both importable from here too)
 from capsgan_toolkit.ema import EmaSection
 from capsgan_toolkit.errors import RecipeError, RegistryError
@@ -141,6 +142,8 @@ class Recipe(_Strict):
     output: OutputSection = Field(default_factory=OutputSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     ema: EmaSection | None = Field(None, description="Exponential moving average of the generator (off when absent).")
+    augment: AugmentSection | None = Field(
+        None, description="Random shifts, crops and flips of the training batches (off when absent).")
     speed: SpeedSection = Field(default_factory=SpeedSection, description="Speed options (docs/performance.md).")
 
     def spec(self, key: str) -> ComponentSpec | None:
@@ -298,6 +301,7 @@ def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrid
         errors.extend(_objective_errors(recipe, objective))
         optim = _resolve_optim(recipe, objective, data.get("optim") or {}, errors)
     errors.extend((key, msg, _MISSING) for key, msg in (recipe.ema.check(recipe) if recipe.ema else []))
+    errors.extend((key, msg, _MISSING) for key, msg in (recipe.augment.check() if recipe.augment else []))
     if training and recipe.output.tensorboard and importlib.util.find_spec("tensorboard") is None:
         errors.append(("output.tensorboard", 'needs the tensorboard package, which is not installed here: '
                        'pip install "capsgan-toolkit[tensorboard]" (or set output.tensorboard = false)', True))

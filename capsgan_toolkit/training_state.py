@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Subset
 
 from capsgan_toolkit import distributed
+from capsgan_toolkit.augment import CentreCropped
 from capsgan_toolkit.errors import CapsganError
 
 
@@ -182,7 +183,11 @@ class StopSignals:
 
 @dataclass
 class DataPlan:
-    """The run's splits and step counts: train (less a validation share), validation, test."""
+    """The run's splits and step counts: train (less a validation share), validation, test.
+
+    With ``[augment] crop`` the training images are the full-size ones (the trainer's
+    ``built.augment`` crops them at random), validation and test the centre crops.
+    """
 
     train_set: Any
     val_set: Any
@@ -196,9 +201,10 @@ class DataPlan:
         """Hold out ``run.val_fraction`` of train (only where the objective classifies: it chooses best.pt)."""
         run = resolved.recipe.run
         train = built.dataset.split("train")
+        full_size = built.dataset.uncropped.split("train") if isinstance(built.dataset, CentreCropped) else train
         fraction = run.val_fraction if built.objective.has_classifier else 0.0
         kept, held = split_train_val(len(train), fraction, run.seed)
-        train_set = Subset(train, kept) if held else train
+        train_set = Subset(full_size, kept) if held else full_size
         batch_size, world = resolved.params["data"].batch_size, distributed.current().world_size
         if len(train_set) < batch_size * world:
             ranks = f" x {world} processes" if world > 1 else ""
