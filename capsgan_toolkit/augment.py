@@ -20,7 +20,8 @@ Four options, all off by default, applied to each training batch on the fly in t
 - ``hflip = true``: flip each image left-right with probability 0.5.
 
 Every random number comes from a generator seeded from the run's seed and the global step
-(:func:`step_generator`), drawn on the CPU and then moved to the batch's device: the
+(:func:`step_generator`; in a distributed run also the rank, so that the ranks' shards are
+augmented independently), drawn on the CPU and then moved to the batch's device: the
 augmentation of step ``s`` is a pure function of ``(images, seed, s)``, identical on CPU and
 CUDA, and a run resumed at step ``s`` re-creates the same augmentations with no extra state
 in the checkpoint. Everything is vectorised over the batch (one gather), no loop per image.
@@ -95,9 +96,13 @@ class AugmentSection(BaseModel):
 # --------------------------------------------------------------------------- the pure function
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """Return a CPU generator seeded from ``(seed, step)`` alone (SHA-256 of both: no overlap with other seeds)."""
-    digest = hashlib.sha256(f"capsgan-augment:{int(seed)}:{int(step)}".encode()).digest()
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """Return a CPU generator seeded from ``(seed, step)`` alone (SHA-256 of both: no overlap with other seeds).
+
+    ``rank``: a distributed run's process; rank 0 draws what a one-process run draws.
+    """
+    key = f"capsgan-augment:{int(seed)}:{int(step)}" + (f":rank{int(rank)}" if rank else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
@@ -166,16 +171,17 @@ class Augmenter:
     """``augmenter(images, step)``: the training batch of global step ``step``, augmented as the recipe asks.
 
     Identity (the same tensor back) when the recipe has no ``[augment]`` or all its options are off.
+    ``rank``: this process's rank in a distributed run (see :func:`step_generator`).
     """
 
-    def __init__(self, spec: AugmentSection | None, seed: int):
+    def __init__(self, spec: AugmentSection | None, seed: int, rank: int = 0):
         self.spec = spec if spec is not None and spec.active else None
-        self.seed = int(seed)
+        self.seed, self.rank = int(seed), int(rank)
 
     def __call__(self, images: torch.Tensor, step: int) -> torch.Tensor:
         if self.spec is None:
             return images
-        return augment(images, self.spec, step_generator(self.seed, step))
+        return augment(images, self.spec, step_generator(self.seed, step, self.rank))
 
 
 # --------------------------------------------------------------------------- the data side of ``crop``

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from capsgan_toolkit import distributed
 from capsgan_toolkit.augment import Augmenter, wrap_dataset
 from capsgan_toolkit.errors import CapsganError, ContractError
 from capsgan_toolkit.interfaces import DatasetInfo, DatasetPlugin, Gate
@@ -45,7 +46,7 @@ class Built:
     @property
     def augment(self) -> Augmenter:
         """``built.augment(images, step)``: a training batch augmented as ``[augment]`` asks (identity without it)."""
-        return Augmenter(self.resolved.recipe.augment, self.resolved.recipe.run.seed)
+        return Augmenter(self.resolved.recipe.augment, self.resolved.recipe.run.seed, distributed.current().rank)
 
 
 def pick_device(name: str) -> torch.device:

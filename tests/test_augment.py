@@ -122,6 +122,12 @@ def test_the_same_seed_and_step_give_the_same_batch_and_other_steps_or_seeds_dif
     assert torch.equal(x, _batch(b=16, h=10, w=10))  # the input is left as it was
 
 
+def test_each_rank_of_a_distributed_run_augments_its_shard_independently():
+    spec, x = AugmentSection(shift=2, hflip=True), _batch(b=16, h=10, w=10)
+    assert torch.equal(Augmenter(spec, seed=1, rank=0)(x, 5), Augmenter(spec, seed=1)(x, 5))
+    assert not torch.equal(Augmenter(spec, seed=1, rank=1)(x, 5), Augmenter(spec, seed=1)(x, 5))
+
+
 def test_augmentation_draws_nothing_from_the_global_rng():
     state = torch.get_rng_state()
     Augmenter(AugmentSection(shift=2, hflip=True, crop=8), seed=0)(_batch(h=10, w=10), 3)
