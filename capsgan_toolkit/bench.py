@@ -29,7 +29,6 @@ import time
 import warnings
 from pathlib import Path
 
-import click
 import torch
 from rich.table import Table
 from torch import nn
@@ -37,10 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from capsgan_toolkit import api
 from capsgan_toolkit.build import build, pick_device
-from capsgan_toolkit.cli_common import DEVICES, console, friendly, option
-from capsgan_toolkit.errors import CapsganError, DataError
+from capsgan_toolkit.errors import DataError
 from capsgan_toolkit.interfaces import DatasetInfo, Phases
 from capsgan_toolkit.optim import build_optimizer
+from capsgan_toolkit.speed import Speed
 
 PEAKS = {  # vendor datasheets, dense (no sparsity), TFLOP/s: fp32 (no tensor cores), tf32, bf16
     "H100 SXM": (67.0, 494.7, 989.4),
@@ -183,9 +182,10 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
     for module in [*built.modules().values(), *(parts.get(k) for k in _LOSSES)]:
         if isinstance(module, nn.Module):
             module.to(device)
+    speed = Speed(resolved.recipe.speed, device, built)  # the recipe's [speed] options, as the trainer applies them
     batch = int(batch or resolved.recipe.data.batch_size)
     gen = torch.Generator().manual_seed(0)
-    images = (torch.rand(batch, *info.image_shape, generator=gen) * 2 - 1).to(device)
+    images = speed.batch((torch.rand(batch, *info.image_shape, generator=gen) * 2 - 1).to(device))
     labels = torch.randint(0, info.num_classes, (batch,), generator=gen).to(device)
     params = {name: p for name, p in objective.optimizer_parameters().items() if p}
     optimizers = {name: build_optimizer(resolved.optim[name], p, total_steps=steps + warmup + 2)[0]
@@ -194,14 +194,16 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
     def update(name, loss, terms) -> bool:  # as the trainer's, less its NaN checks and clipping
         if (opt := optimizers.get(name)) is not None:
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.autocast(device.type, enabled=False):
+                loss.backward()
             opt.step()
         return opt is not None
 
     phases = Phases(generator=True, discriminator=True)
 
     def step():
-        objective.step(images, labels, phases, update)
+        with speed.autocast():
+            objective.step(images, labels, phases, update)
 
     inputs, hooks = {}, []  # what the generator and discriminator get in a real step
 
@@ -219,6 +221,7 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
     inputs["encoder"] = (images,)
 
     out = {"recipe": recipe, "name": resolved.recipe.run.name, "device": str(device), "batch": batch,
+           "speed": {k: v for k, v in resolved.recipe.speed.model_dump().items() if v not in (False, "float32")},
            "steps": steps, "warmup": warmup, "image_shape": list(info.image_shape), "classes": info.num_classes,
            "parts": {}}
     objective.eval()
@@ -229,10 +232,13 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
                 continue
             args = inputs[name]
             n = args[0].shape[0]
-            times = time_each(lambda: module(*args), device, steps, warmup)
+            def forward(module=module, args=args):
+                with speed.autocast():
+                    return module(*args)
+
+            times = time_each(forward, device, steps, warmup)
             out["parts"][name] = {"images_per_s": n / statistics.median(times), "best_s": min(times),
-                                  "median_s": statistics.median(times),
-                                  "flops_per_image": count_flops(lambda: module(*args)) / n}
+                                  "median_s": statistics.median(times), "flops_per_image": count_flops(forward) / n}
     objective.train()
     step_flops = count_flops(step)
     if device.type == "cuda":
@@ -248,8 +254,8 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
     return out
 
 
-def run_bench(recipe: str, baseline: str | None = None, **kwargs) -> dict:
-    """Measure ``recipe`` (and ``baseline``) with the matmul reference taken before and after."""
+def run_bench(recipe: str, baseline: str | None = None, baseline_sets=(), **kwargs) -> dict:
+    """Measure ``recipe`` (and ``baseline``, with ``baseline_sets`` too) with the matmul reference before and after."""
     notes: list[str] = []
     device = kwargs.pop("device", None)
     first = bench_recipe(recipe, device=device, notes=notes, **kwargs)
@@ -258,6 +264,7 @@ def run_bench(recipe: str, baseline: str | None = None, **kwargs) -> dict:
     rates = [matmul_rate(dev)]
     results = [first]
     if baseline:
+        kwargs["sets"] = (*kwargs.get("sets", ()), *baseline_sets)
         results.append(bench_recipe(baseline, device=device, notes=notes, **kwargs))
     rates.append(matmul_rate(dev))
     reference = {"float32_flops_per_s": max(rates), "float32_matmul_size": 2048 if dev.type == "cpu" else 8192,
@@ -355,44 +362,3 @@ def _footer(report: dict) -> list[str]:
                  "backward + Adam, all phases on; img/s: median iteration; % of matmul rate: best step FLOP/s "
                  "over best matmul; FLOPs: torch's flop counter (matmuls, convolutions).")
     return lines + [f"note: {n}" for n in report["notes"]]
-
-
-def _shape(text: str | None):
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise click.BadParameter(f"expected C,H,W such as 1,28,28; got {text!r}", param_hint="--image-shape")
-    return shape
-
-
-@click.command("bench")
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@option("--baseline", type=click.Path(dir_okay=False), default=None,
-        help="A second recipe, measured in the same run and shown side by side with ratios (RECIPE / BASELINE).")
-@option("--batch", type=click.IntRange(min=1), default=None, help="Images per batch (default: the recipe's data.batch_size).")
-@option("--steps", type=click.IntRange(min=1), default=10, help="Timed iterations of each measurement.")
-@option("--warmup", type=click.IntRange(min=0), default=2, help="Untimed iterations before each measurement.")
-@option("--device", type=DEVICES, default=None, help="Device (default: the recipe's run.device).")
-@option("--image-shape", default=None, metavar="C,H,W",
-        help="Image shape to use when the recipe's data set cannot be built (files missing).")
-@option("--classes", type=click.IntRange(min=1), default=None, help="Classes, with --image-shape.")
-@option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (both recipes).")
-@option("--json", "as_json", is_flag=True, default=False, help="Print the numbers as JSON.")
-@friendly
-def bench_command(recipe, baseline, batch, steps, warmup, device, image_shape, classes, sets, as_json):
-    """Measure RECIPE's speed: img/s of each part and of the training step, FLOPs, share of peak, memory."""
-    shape = _shape(image_shape)
-    if (shape is None) != (classes is None):
-        raise CapsganError("--image-shape and --classes go together.")
-    report = run_bench(recipe, baseline, batch=batch, steps=steps, warmup=warmup, device=device,
-                       image_shape=shape, classes=classes, sets=sets)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    console.print(render(report))
-    for line in _footer(report):
-        console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from capsgan_toolkit import __version__, api
-from capsgan_toolkit.bench import bench_command
+from capsgan_toolkit.cli_bench import bench_command
 from capsgan_toolkit.cli_common import abort, console, friendly, option, warn
 from capsgan_toolkit.cli_eval import eval_command, probe_command, sample_command
 from capsgan_toolkit.compare.command import compare_command

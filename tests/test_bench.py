@@ -73,6 +73,16 @@ def test_bench_baseline_side_by_side_with_ratios(recipes):
     assert "ratio" in table.output and "(tiny.toml)" in table.output and "(wide.toml)" in table.output
 
 
+def test_baseline_set_measures_a_speed_option_against_the_same_recipe(recipes):
+    result = invoke("bench", recipes["tiny"], "--set", "speed.channels_last=true", "--baseline-set",
+                    "speed.channels_last=false", "--steps", "1", "--warmup", "0", "--json")
+    report = json.loads(result.output)
+    first, baseline = report["results"]
+    assert first["recipe"] == baseline["recipe"] == recipes["tiny"]
+    assert first["speed"] == {"channels_last": True} and baseline["speed"] == {}
+    assert report["ratios"]["step_images_per_s"] > 0
+
+
 def test_bench_a_dcgan_objective_without_encoder(recipes):
     # The generator's and discriminator's inputs are recorded during a real step, without
     # changing them: the generator's update must still reach the generator through D.
