@@ -96,7 +96,7 @@ def test_two_ranks_stay_identical_and_match_one_process_with_the_same_global_bat
     one = models(tmp_path / "one" / "checkpoints" / "final.pt")
     # 6 steps of Adam (lr 1e-3) on a global batch of 8 split 4 + 4: the mean of the ranks' mean
     # gradients is the global mean gradient up to float32 summation order.
-    assert max_difference(one, rank0) < 1e-4
+    assert max_difference(one, rank0) < 1e-5  # measured: 8e-8 after 12 steps (docs/performance.md)
     rows = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert rows, "rank 0 wrote no metrics"
     assert not list((tmp_path / "two").glob("*rank1*"))
