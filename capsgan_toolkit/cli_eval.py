@@ -80,28 +80,21 @@ def sample_command(run_dir, n, class_index, span, steps, seed, checkpoint, devic
 @option("--device", type=DEVICES, default=None, help="Where to run (default: the recipe's run.device).")
 @friendly
 def probe_command(run_dir, n, checkpoint, device):
-    """Measure what the encoder keeps on turned, moved and scrambled test images; write probe.json and probe.png."""
-    import json
-
+    """Measure what encoder and generator keep of turned, moved and scrambled test images; write probe.json, .png."""
     from rich.table import Table
 
     from capsgan_toolkit import probe as probing
-    from capsgan_toolkit.api import load_trained
-    from capsgan_toolkit.reporting import save_class_rows
+    from capsgan_toolkit.rundir import RunDir
 
-    run = load_trained(run_dir, checkpoint=checkpoint, device=device)
-    rows = probing.probe(run, n=n)
-    run.rd.probe_file.write_text(json.dumps({"checkpoint": str(run.checkpoint), "rows": rows}, indent=2) + "\n",
-                                 encoding="utf-8")
-    per = 8
-    pictures = probing.examples(run, per)
-    save_class_rows([(name, pictures[i * per:(i + 1) * per]) for i, name in enumerate(probing.PERTURBATIONS)],
-                    run.rd.probe_picture_file)
-    table = Table(title=f"spatial-structure probe ({rows[0]['images']} test images)", title_justify="left")
-    for column in ("test images", "accuracy", "true-class capsule length", "reconstruction MSE [0, 1]"):
-        table.add_column(column, justify="left" if column == "test images" else "right")
-    shown = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for row in rows:
-        table.add_row(row["probe"], shown(row["acc"]), shown(row["true_class_length"]), shown(row["rec_mse01"]))
+    result = probing.write_probe(run_dir, n=n, checkpoint=checkpoint, device=device)
+    table = Table(title=f"spatial-structure probe ({result['images']} test images)", title_justify="left")
+    table.add_column("test images", no_wrap=True)
+    for info in result["columns"].values():
+        table.add_column(info["header"] + {"higher": " ↑", "lower": " ↓"}[info["direction"]], justify="right")
+    for row in result["rows"]:
+        table.add_row(row["probe"], *(f"{row[c]:.3f}" for c in result["columns"]))
     console.print(table)
-    console.print(f"Wrote {run.rd.probe_file} and {run.rd.probe_picture_file}", highlight=False)
+    for column, why in result["skipped"].items():
+        console.print(f"[dim]{probing.COLUMNS[column]['header']}: not measured, {why}[/]", highlight=False)
+    rd = RunDir(run_dir)
+    console.print(f"Wrote {rd.probe_file} and {rd.probe_picture_file}", highlight=False)

@@ -375,6 +375,88 @@ def test_outputs_are_written_and_self_contained(runs, tmp_path):
     assert page.count("<img") == 4 + 9  # bars, cost bars, curves, gates + one sample grid per run
 
 
+# ------------------------------------------------------------------ the spatial-structure section
+
+# Hand-picked probe numbers, three seeds per encoder arm: accuracy and reconstruction SSIM.
+PROBE = {"capsule": {"none": [0.80, 0.90, 0.85], "rotate 30": [0.64, 0.72, 0.67]},
+         "cnn": {"none": [0.90, 0.88, 0.92], "rotate 30": [0.54, 0.53, 0.56]}}
+PROBE_SSIM = {"none": [0.70, 0.72, 0.71], "rotate 30": [0.50, 0.52, 0.49]}
+NO_ENCODER = "the dcgan objective has no encoder"
+
+
+def _write_probe(path: Path, arm: str, seed: int) -> None:
+    """probe.json as `capsgan probe` writes it (rows for two perturbations; the DCGAN measures nothing)."""
+    from capsgan_toolkit.probe import COLUMNS
+
+    if arm == "dcgan":
+        columns, skipped = {}, dict.fromkeys(COLUMNS, NO_ENCODER)
+        rows = [{"probe": p, "images": 40} for p in ("none", "rotate 30")]
+    else:
+        columns, skipped = {c: COLUMNS[c] for c in ("acc", "rec_ssim")}, {}
+        rows = [{"probe": p, "images": 40, "acc": PROBE[arm][p][seed], "rec_ssim": PROBE_SSIM[p][seed]}
+                for p in ("none", "rotate 30")]
+    (path / "probe.json").write_text(json.dumps({"checkpoint": "final.pt", "step": 6, "n": 40, "images": 40,
+                                                 "columns": columns, "skipped": skipped, "rows": rows}))
+
+
+def test_probe_section_numbers_match_a_hand_computation(runs, tmp_path):
+    for arm, paths in runs.items():
+        for seed, path in enumerate(paths):
+            _write_probe(path, arm, seed)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(compare_command, [*_all_dirs(runs), "--out", str(out), "--baseline", "dcgan"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    section = json.loads((out / "compare.json").read_text())["probe"]
+    assert section["perturbations"] == ["none", "rotate 30"] and section["images"] == [40]
+    assert section["arms"]["dcgan"] == {"status": "n/a", "reason": NO_ENCODER}
+    assert section["reference"] == "capsule" and list(section["paired"]) == ["cnn"]
+    cells = {}
+    for arm in ("capsule", "cnn"):
+        got = section["arms"][arm]
+        assert got["status"] == "measured" and set(got["values"]) == {"acc", "rec_ssim"}
+        for p, values in PROBE[arm].items():
+            mean, std, lo, hi = _hand_interval(values)
+            assert got["values"]["acc"][p]["mean"] == pytest.approx(mean, abs=1e-12)
+            assert got["values"]["acc"][p]["ci95"] == pytest.approx([lo, hi], abs=1e-9)
+        change = [a / b - 1 for a, b in zip(PROBE[arm]["rotate 30"], PROBE[arm]["none"])]
+        c_mean, _, c_lo, c_hi = _hand_interval(change)
+        assert got["change"]["acc"]["rotate 30"]["ci95"] == pytest.approx([c_lo, c_hi], abs=1e-9)
+        mean, _, lo, hi = _hand_interval(PROBE[arm]["rotate 30"])
+        cells[arm] = f"{mean:.3f} ± {(hi - lo) / 2:.3f}<br>{100 * c_mean:+.1f} % ± {100 * (c_hi - c_lo) / 2:.1f}"
+        ssim = [a / b - 1 for a, b in zip(PROBE_SSIM["rotate 30"], PROBE_SSIM["none"])]
+        assert got["change"]["rec_ssim"]["rotate 30"]["mean"] == pytest.approx(sum(ssim) / 3, abs=1e-12)
+    # The CNN against the capsule encoder: the paired difference of the accuracy's relative change.
+    diffs = [c / cn - 1 - (a / an - 1) for c, cn, a, an in zip(PROBE["cnn"]["rotate 30"], PROBE["cnn"]["none"],
+                                                               PROBE["capsule"]["rotate 30"], PROBE["capsule"]["none"])]
+    d_mean, _, d_lo, d_hi = _hand_interval(diffs)
+    paired = section["paired"]["cnn"]["rotate 30"]
+    assert paired["mean"] == pytest.approx(d_mean, abs=1e-12) and paired["ci95_t"] == pytest.approx([d_lo, d_hi])
+    assert paired["verdict"] == ("worse" if d_hi < 0 else "better" if d_lo > 0 else "not distinguishable with 3 seeds")
+    assert paired["verdict"] == "worse"  # the CNN loses about 40 %, the capsule about 20 %
+
+    md = (out / "compare.md").read_text()
+    assert "## Spatial structure (the report's hypothesis)" in md
+    verdict = f"vs capsule: Δ {100 * d_mean:+.1f} pts [{100 * d_lo:+.1f}, {100 * d_hi:+.1f}] **worse**"
+    assert f"| rotate 30 | n/a | {cells['capsule']} | {cells['cnn']}<br>{verdict} |" in md
+    assert "| as they are | n/a |" in md and f"- dcgan: n/a, {NO_ENCODER}." in md
+    page = (out / "compare.html").read_text()
+    assert 'id="probe"' in page and "n/a" in page and page.count("<img") == 4 + 9 + 1  # + the probe chart
+    assert "Spatial structure" in result.output and "vs capsule" in result.output
+
+    # Run folders without probe.json: the arm is "not probed"; with no probe.json anywhere, no section.
+    for path in runs["cnn"]:
+        (path / "probe.json").unlink()
+    assert CliRunner().invoke(compare_command, [*_all_dirs(runs), "--out", str(out), "--quiet"]).exit_code == 0
+    section = json.loads((out / "compare.json").read_text())["probe"]
+    assert section["arms"]["cnn"]["status"] == "not probed" and section["paired"] == {}
+    for path in [*runs["capsule"], *runs["dcgan"]]:
+        (path / "probe.json").unlink()
+    assert CliRunner().invoke(compare_command, [*_all_dirs(runs), "--out", str(out), "--quiet"]).exit_code == 0
+    assert json.loads((out / "compare.json").read_text())["probe"] is None
+    assert "Spatial structure" not in (out / "compare.md").read_text()
+
+
 def _browser() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if shutil.which(name):

@@ -1,9 +1,10 @@
-"""`capsgan compare` end to end: two tiny arms x 2 seeds trained, evaluated and reported through the CLI."""
+"""`capsgan compare` end to end: tiny arms trained, evaluated (and probed) and reported through the CLI."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -94,3 +95,48 @@ def test_compare_trains_reports_reuses_and_resumes(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "3 done, 1 to do" in result.output
     assert rd.read_eval()["metrics"] == pytest.approx(before, rel=1e-6, abs=1e-9)
+
+
+PROBE_SPEC = """
+title = "tiny probe"
+baseline = "dcgan"
+seeds = 1
+probe = true
+probe_images = 20
+[budget]
+epochs = 1
+[eval]
+metrics = ["acc"]
+[[arms]]
+label = "dcgan"
+recipe = "tiny_dcgan.toml"
+[[arms]]
+label = "cnn"
+recipe = "tiny.toml"
+"""
+
+
+def test_compare_with_probe_shows_the_spatial_structure_section(tmp_path):
+    write_toml(tmp_path / "tiny.toml", TINY_RECIPE)
+    write_toml(tmp_path / "tiny_dcgan.toml", _tiny_dcgan())
+    spec = tmp_path / "spec.toml"
+    spec.write_text(PROBE_SPEC, encoding="utf-8")
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(compare_command, [str(spec), "--out", str(out), "--in-process"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for arm in ("dcgan", "cnn"):
+        assert RunDir(out / "runs" / arm / "seed-0").probe_file.is_file()
+    section = json.loads((out / "compare.json").read_text())["probe"]
+    assert section["arms"]["dcgan"] == {"status": "n/a", "reason": "the dcgan objective has no encoder"}
+    cnn = section["arms"]["cnn"]
+    assert cnn["status"] == "measured" and set(cnn["values"]) == {"acc", "true_class_length", "rec_ssim", "rec_acc",
+                                                                  "rec_mse01"}
+    assert all(0 <= cnn["values"]["acc"][p]["mean"] <= 1 for p in section["perturbations"])
+    md = (out / "compare.md").read_text()
+    body = md[md.index("## Spatial structure (the report's hypothesis)"):md.index("## Fairness")]
+    row = next(line for line in body.splitlines() if line.startswith("| quadrants swapped |"))
+    dcgan_cell, cnn_cell = row.split(" | ")[1:3]
+    assert dcgan_cell == "n/a" and re.match(r"\d\.\d{3}", cnn_cell)
+    assert "- dcgan: n/a, the dcgan objective has no encoder." in body
+    assert 'id="probe"' in (out / "compare.html").read_text()

@@ -225,6 +225,53 @@ def test_arm_selection(fake_api, tmp_path):
     assert result.exit_code == 2 and "no such arm" in result.output
 
 
+@pytest.fixture
+def fake_probe(monkeypatch):
+    """Stand in for `capsgan probe`: writes probe.json as the real one does (accuracy only) and counts calls."""
+    import capsgan_toolkit.probe as probe_module
+
+    probed: list[str] = []
+
+    def write_probe(run_dir, *, n=1000, **_):
+        rd = RunDir(run_dir)
+        probed.append(f"{rd.path.parent.name}/{rd.path.name}")
+        seed = rd.read_recipe()["run"]["seed"]
+        rows = [{"probe": "none", "images": n, "acc": 0.8}, {"probe": "rotate 30", "images": n, "acc": 0.4 + 0.1 * seed}]
+        rd.probe_file.write_text(json.dumps({"checkpoint": "final.pt", "step": 3, "n": n, "images": n,
+                                             "columns": {"acc": probe_module.COLUMNS["acc"]}, "skipped": {},
+                                             "rows": rows}), encoding="utf-8")
+
+    monkeypatch.setattr(probe_module, "write_probe", write_probe)
+    return probed
+
+
+def test_probe_runs_once_per_run_and_again_only_when_asked_differently(fake_api, fake_probe, tmp_path):
+    spec, out = _spec(tmp_path), tmp_path / "cmp"
+    assert _compare(spec, out).exit_code == 0
+    assert fake_probe == [] and json.loads((out / "compare.json").read_text())["probe"] is None
+    # Turned on for finished runs: they are probed, not trained or evaluated again.
+    fake_api.trained.clear(), fake_api.evaluated.clear()
+    spec.write_text("probe = true\nprobe_images = 40\n" + SPEC, encoding="utf-8")
+    result = _compare(spec, out)
+    assert result.exit_code == 0, result.output
+    assert fake_api.trained == [] and fake_api.evaluated == [] and len(fake_probe) == 4
+    section = json.loads((out / "compare.json").read_text())["probe"]
+    assert section["images"] == [40] and section["reference"] == "narrow"
+    assert section["arms"]["wide"]["change"]["acc"]["rotate 30"]["values"] == {"0": pytest.approx(-0.5),
+                                                                                "1": pytest.approx(-0.375)}
+    assert "## Spatial structure (the report's hypothesis)" in (out / "compare.md").read_text()
+    # A re-run does nothing; another image count probes again; a lost probe.json is probed alone.
+    fake_probe.clear()
+    assert _compare(spec, out).exit_code == 0 and fake_probe == []
+    spec.write_text("probe = true\nprobe_images = 50\n" + SPEC, encoding="utf-8")
+    assert _compare(spec, out).exit_code == 0 and len(fake_probe) == 4
+    fake_probe.clear()
+    RunDir(out / "runs" / "wide" / "seed-1").probe_file.unlink()
+    result = _compare(spec, out)
+    assert result.exit_code == 0 and fake_probe == ["wide/seed-1"] and "3 done, 1 to do" in result.output
+    assert fake_api.trained == [] and fake_api.evaluated == []
+
+
 def test_plan_shard_and_devices(tmp_path):
     loaded = load_spec(_spec(tmp_path, SPEC.replace("seeds = 2", "seeds = [3, 1, 2]")))
     jobs = plan(loaded, tmp_path / "o", loaded.spec.arms)

@@ -7,6 +7,7 @@ The modules, from the bottom up:
 - :mod:`.fairness`: the keys on which the arms' resolved recipes differ, and which are refused;
 - :mod:`.cost`: FLOPs per image with torch's flop counter;
 - :mod:`.collect`: read run folders into per-run records (numbers, curves, pictures);
+- :mod:`.probe_section`: the spatial-structure probe's numbers per arm (when the runs were probed);
 - :mod:`.report`: the comparison (``compare.json``), ``compare.md`` and the terminal table;
 - :mod:`.html`: the self-contained ``compare.html``;
 - :mod:`.runner`: the grid of arm x seed runs: train, resume, evaluate, shard, spread over devices;

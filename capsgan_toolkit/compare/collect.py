@@ -6,11 +6,13 @@ Numbers come from two files of a run folder:
   each with its protocol record;
 - ``summary.json`` (written when training ends): the trainer's end-of-training test numbers
   (``test_*``) and the costs: parameters per part, FLOPs per image per part (when the
-  trainer recorded them), training images/s, seconds per epoch, peak memory, wall time, device.
+  trainer recorded them), training images/s, seconds per epoch, peak memory, wall time, device;
+- ``probe.json`` (``capsgan probe``, when present): the spatial-structure probe's rows.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,7 @@ class RunRecord:
     summary: dict[str, Any]
     eval: dict[str, Any] | None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    probe: dict[str, Any] | None = None  # probe.json, when the run was probed
 
     @property
     def path(self) -> Path:
@@ -135,7 +138,16 @@ def read_run(path: str | Path, *, arm: str | None = None, require_eval: bool = T
     recipe = rd.read_recipe()
     seed = int(recipe.get("run", {}).get("seed", 0))
     return RunRecord(rundir=rd, arm=arm or str(recipe.get("run", {}).get("name", rd.path.name)), seed=seed,
-                     recipe=recipe, summary=summary, eval=evaluation, rows=rd.read_metrics())
+                     recipe=recipe, summary=summary, eval=evaluation, rows=rd.read_metrics(), probe=read_probe(rd))
+
+
+def read_probe(rd: RunDir) -> dict[str, Any] | None:
+    """Return a run folder's probe.json (``capsgan probe``), or ``None`` when it has none or it is unreadable."""
+    try:
+        data = json.loads(rd.probe_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
 
 
 def fairness_recipe(record: RunRecord) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Sections: the verdict table, metric bars with 95 % error bars and every seed's value,
 learning curves of every arm overlaid (mean and min-max band over seeds), gate timelines,
-the last sample grids of every run side by side (a row per seed), the fairness table, the
-cost table, the protocol and the statistics used, with a visible note on few seeds.
+the last sample grids of every run side by side (a row per seed), the spatial-structure probe
+(when the runs were probed), the fairness table, the cost table, the protocol and the
+statistics used, with a visible note on few seeds.
 """
 
 from __future__ import annotations
@@ -89,6 +90,29 @@ def bars_figure(report: dict, key: str = "metrics") -> str | None:
         arrow = {"lower": " (lower is better)", "higher": " (higher is better)"}.get(entry["direction"] or "", "")
         ax.set_title(entry["name"] + arrow, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def probe_figure(report: dict) -> str | None:
+    """Accuracy per perturbation, a line per probed arm: the mean over seeds with its 95 % t-interval."""
+    section = report.get("probe") or {}
+    arms = [a for a, s in (section.get("arms") or {}).items() if s["status"] == "measured" and "acc" in s["values"]]
+    if not arms:
+        return None
+    names, colors = section["perturbations"], _colors(arm_labels(report))
+    fig, ax = _pyplot().subplots(figsize=(7.5, 3.2))
+    for arm in arms:
+        cells = [section["arms"][arm]["values"]["acc"][p] for p in names]
+        means = [c["mean"] for c in cells]
+        err = [[m - c["ci95"][0] if c["ci95"] else 0 for m, c in zip(means, cells)],
+               [c["ci95"][1] - m if c["ci95"] else 0 for m, c in zip(means, cells)]]
+        ax.errorbar(range(len(names)), means, yerr=err, color=colors[arm], marker="o", capsize=3, label=arm)
+    ax.set_xticks(range(len(names)), [n if n != "none" else "as they are" for n in names], rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy", fontsize=8)
+    ax.set_title("probe accuracy per perturbation: mean over seeds, 95% t-interval", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _figure_uri(fig)
 
@@ -262,6 +286,10 @@ difference to the baseline (seed k vs seed k) with its 95% t-interval and the ve
 {% else %}<span class="undecided">{{ c.caption }}</span>{% endif %}</td>{% endfor %}</tr>{% endfor %}
 </table>
 
+{% if probe %}<h2 id="probe">{{ probe_title }}</h2>
+{% if probe_chart %}<img class="chart" alt="probe accuracy per perturbation" src="{{ probe_chart }}">{% endif %}
+{{ probe }}{% endif %}
+
 <h2 id="fairness">Fairness</h2>
 <p>Every recipe key on which the arms differ: <span style="color:#1f4e96">meant to differ</span>,
 <span class="confound">allowed confound</span>, <span style="color:#666">incidental</span>.</p>
@@ -296,6 +324,7 @@ def render_html(report: dict[str, Any], arms: dict[str, list[RunRecord]]) -> str
     from jinja2 import Environment
     from markupsafe import Markup
 
+    from capsgan_toolkit.compare import probe_section
     from capsgan_toolkit.compare.report import FEW_SEEDS_NOTE
 
     env = Environment(autoescape=True)
@@ -321,7 +350,9 @@ def render_html(report: dict[str, Any], arms: dict[str, list[RunRecord]]) -> str
         allowed=[d for d in report["fairness"]["differences"] if d["status"] == "allowed"],
         bars=bars_figure(report), cost_bars=bars_figure({**report, "costs": cost_entries}, "costs"),
         curves=curves_figure(arms), gates=gates_figure(arms), samples=sample_table(arms),
-        protocol=json.dumps(report["eval_protocol"], indent=2))
+        protocol=json.dumps(report["eval_protocol"], indent=2), probe_title=probe_section.TITLE,
+        probe=Markup(probe_section.html(report["probe"], report["baseline"])) if report.get("probe") else None,
+        probe_chart=probe_figure(report))
     return page
 
 

@@ -3,7 +3,8 @@
 ``compare.json`` (``"schema": 1``) holds, for every metric, its protocol, its direction and
 per arm the seeds' values, mean, std and 95 % interval, and per arm against the baseline the
 paired differences, their intervals and the verdict. Costs follow the same layout. The
-fairness record lists every key on which the arms' recipes differ.
+fairness record lists every key on which the arms' recipes differ. ``probe`` holds the
+spatial-structure probe's numbers when runs were probed (:mod:`.probe_section`), else ``null``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from capsgan_toolkit.compare import stats
+from capsgan_toolkit.compare import probe_section, stats
 from capsgan_toolkit.compare.collect import COST_PROTOCOL, RunRecord
 from capsgan_toolkit.compare.fairness import Fairness
 
@@ -135,6 +136,7 @@ def build_report(arms: dict[str, list[RunRecord]], *, baseline: str, fairness: F
         "fairness": fairness.to_dict(),
         "metrics": metrics,
         "costs": costs,
+        "probe": probe_section.build(arms),
         "notes": notes,
     })
 
@@ -229,6 +231,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
                 cells.append(cell(entry, arm) + (f"<br>{text}{shown}" if text else ""))
             out.append(f"| `{entry['name']}`{arrow} | " + " | ".join(cells) + " |")
         out.append("")
+    if report.get("probe"):
+        out += probe_section.markdown(report["probe"], base)
     out += ["## Fairness", "", "Every recipe key on which the arms differ.", "",
             "| key | status | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
     for d in report["fairness"]["differences"]:
@@ -270,6 +274,8 @@ def print_terminal(report: dict[str, Any], console) -> None:
                 row.append(text)
             table.add_row(*row)
         console.print(table)
+    if report.get("probe"):
+        probe_section.print_terminal(report["probe"], console)
     for d in report["fairness"]["differences"]:
         if d["status"] == "allowed":
             console.print(Text(f"CONFOUND {d['key']}: " + ", ".join(f"{a} {v}" for a, v in d["values"].items()),

@@ -6,7 +6,9 @@ Runs live in ``OUT/runs/<arm>/seed-<k>/``. A re-run of the same command:
   (a changed recipe is refused, naming the keys: delete the run or choose another --out);
 - resumes an unfinished one exactly (``api.train(..., resume=True)``);
 - evaluates a run only when its eval.json is missing, was computed from another
-  checkpoint, or with another protocol than the spec's ``[eval]``.
+  checkpoint, or with another protocol than the spec's ``[eval]``;
+- with ``probe = true``, probes a run (``capsgan probe``) only when its probe.json is missing,
+  from another checkpoint or with another image count.
 
 Every run trains and evaluates in its own worker process
 (``python -m capsgan_toolkit.compare.worker``): a run's peak memory (the process's max RSS on
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsgan_toolkit.compare.collect import PROTOCOL_IGNORED, fairness_recipe, protocol_differences, read_run
+from capsgan_toolkit.compare.collect import (PROTOCOL_IGNORED, fairness_recipe, protocol_differences, read_probe,
+                                             read_run)
 from capsgan_toolkit.compare.fairness import Fairness, compare_recipes, flatten
 from capsgan_toolkit.compare.spec import ArmSpec, CompareError, LoadedSpec
 from capsgan_toolkit.rundir import RunDir
@@ -135,6 +138,26 @@ def needs_evaluation(rd: RunDir, desired: dict[str, Any]) -> str | None:
     return None
 
 
+def needs_probe(rd: RunDir, images: int | None) -> str | None:
+    """Return why a finished run must be probed with ``images`` test images (``None``: no probe asked, or current)."""
+    if images is None:
+        return None
+    found = read_probe(rd)
+    if found is None or "columns" not in found:
+        return "not probed yet" if found is None else "probe.json is from an older capsgan"
+    if found.get("n") != images:
+        return "the probe's image count changed"
+    steps = (rd.read_summary() or {}).get("steps")
+    return "probe.json is from another checkpoint" if steps is not None and found.get("step") != steps else None
+
+
+def probe_run(run_dir: Path, images: int) -> None:
+    """Probe one finished run (probe.json, probe.png), as ``capsgan probe RUN_DIR --n images`` does."""
+    from capsgan_toolkit import probe
+
+    probe.write_probe(run_dir, n=images)
+
+
 class Runner:
     """Train, evaluate and report one comparison spec.
 
@@ -160,6 +183,7 @@ class Runner:
         self.jobs, self.devices, self.part, self.console = max(1, jobs), list(devices or []), part, console
         self.grid = plan(loaded, self.out, arms)
         self.mine = shard(self.grid, part)
+        self.probe_images = loaded.spec.probe_images if loaded.spec.probe else None
 
     # ------------------------------------------------------------------ before training
 
@@ -196,7 +220,8 @@ class Runner:
         for job in self.mine:
             rd = RunDir(job.path)
             state = "finished" if rd.is_finished() else ("unfinished" if rd.is_run() else "new")
-            why = "not trained yet" if state != "finished" else needs_evaluation(rd, job.desired)
+            why = "not trained yet" if state != "finished" else (
+                needs_evaluation(rd, job.desired) or needs_probe(rd, self.probe_images))
             if state != "finished" or why:
                 out.append((job, state, why))
         return out
@@ -242,14 +267,16 @@ class Runner:
             raise CompareError("Training in this process can use cuda:0 only; drop --in-process to use other devices.")
         with self._progress() as progress:
             task = progress.add_task("", total=len(todo))
-            for job, state, why in todo:
+            for job, state, _ in todo:
                 if state != "finished":
                     progress.update(task, description=f"{job.name}: {'resuming' if state == 'unfinished' else 'training'}")
                     api.train(job.recipe, out=job.path, sets=[*job.sets, *sets], resume=state == "unfinished")
-                    why = needs_evaluation(RunDir(job.path), job.desired)
-                if why:
+                if why := needs_evaluation(RunDir(job.path), job.desired):
                     progress.update(task, description=f"{job.name}: evaluating ({why})")
                     api.evaluate(job.path, sets=self._eval_sets())
+                if why := needs_probe(RunDir(job.path), self.probe_images):
+                    progress.update(task, description=f"{job.name}: probing ({why})")
+                    probe_run(job.path, self.probe_images)
                 progress.advance(task)
                 self._say(f"  {job.name} done")
 
@@ -269,6 +296,8 @@ class Runner:
                               "sets": [*job.sets, *sets], "resume": state == "unfinished"})
             steps.append({"action": "evaluate", "run_dir": str(job.path), "sets": self._eval_sets(),
                           "desired": job.desired})
+            if self.probe_images is not None:
+                steps.append({"action": "probe", "run_dir": str(job.path), "images": self.probe_images})
             with open(log, "a", encoding="utf-8") as fh, self._lock:
                 # Its own session: a Ctrl-C reaches this process only, which passes one SIGINT on,
                 # so each worker checkpoints and stops (a second SIGINT would make it stop at once).
@@ -333,10 +362,11 @@ class Runner:
     def write_report(self) -> dict[str, Any]:
         from capsgan_toolkit.compare.outputs import write_outputs
 
-        missing = [job for job in self.grid if not RunDir(job.path).is_finished()
-                   or needs_evaluation(RunDir(job.path), job.desired)]
+        missing = [job for job in self.grid if not RunDir(job.path).is_finished() or needs_evaluation(
+            RunDir(job.path), job.desired) or needs_probe(RunDir(job.path), self.probe_images)]
         if missing:
-            raise CompareError("Not every run is finished and evaluated: " + ", ".join(j.name for j in missing)
+            done = "finished, evaluated and probed" if self.probe_images else "finished and evaluated"
+            raise CompareError(f"Not every run is {done}: " + ", ".join(j.name for j in missing)
                                + ". Run the same command again (without --shard) to finish them.")
         arms: dict[str, list] = {}
         for job in self.grid:

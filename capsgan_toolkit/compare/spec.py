@@ -7,6 +7,8 @@ its dotted key)::
     baseline = "dcgan"
     seeds = 2                          # or a list: [0, 1, 2]
     set = ["run.log_every=10"]         # optional overrides for every arm
+    probe = true                       # optional: `capsgan probe` every run (spatial structure)
+    probe_images = 500                 # test images the probe uses
 
     [budget]
     epochs = 3                         # or steps = N, or minutes = M: one for every arm
@@ -131,6 +133,9 @@ class CompareSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="One evaluation protocol for every arm.")
     set: list[str] = Field(
         default_factory=list, description="--set-style overrides applied to every arm (before the arm's own).")
+    probe: bool = Field(False, description="Run the spatial-structure probe (`capsgan probe`) on every trained run "
+                                           "and add its section to the report.")
+    probe_images: int = Field(500, ge=10, description="Test images the probe uses (every class in turn).")
     allow_difference: list[str] = Field(
         default_factory=list, description="Recipe keys allowed to differ between arms (shown in red).")
     arms: list[ArmSpec] = Field(min_length=2, description="The arms, each a recipe (and overrides).")

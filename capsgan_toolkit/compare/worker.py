@@ -3,7 +3,8 @@
 Run as ``python -m capsgan_toolkit.compare.worker STEPS_JSON``; each step is
 ``{"action": "train", "recipe", "out", "sets", "resume"}`` or
 ``{"action": "evaluate", "run_dir", "sets", "desired"}`` (evaluated only when the run's
-eval.json is missing or not from the desired protocol). Exit codes are the toolkit's.
+eval.json is missing or not from the desired protocol) or ``{"action": "probe", "run_dir",
+"images"}`` (probed only when probe.json is missing or not current). Exit codes are the toolkit's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     from capsgan_toolkit import api
-    from capsgan_toolkit.compare.runner import needs_evaluation
+    from capsgan_toolkit.compare.runner import needs_evaluation, needs_probe, probe_run
     from capsgan_toolkit.errors import CapsganError
     from capsgan_toolkit.rundir import RunDir
 
@@ -28,6 +29,11 @@ def main(argv: list[str]) -> int:
                 if why:
                     print(f"evaluating {step['run_dir']} ({why})", flush=True)
                     api.evaluate(step["run_dir"], sets=step["sets"])
+            elif step["action"] == "probe":
+                why = needs_probe(RunDir(step["run_dir"]), step["images"])
+                if why:
+                    print(f"probing {step['run_dir']} ({why})", flush=True)
+                    probe_run(step["run_dir"], step["images"])
             else:
                 raise ValueError(f"unknown worker action {step['action']!r}")
     except CapsganError as exc:
