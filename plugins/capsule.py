@@ -108,6 +108,7 @@ def dynamic_routing(
     leaky: bool = False,
     return_coupling: bool = False,
     detach_inner: bool = True,
+    bias: torch.Tensor | None = None,
 ):
     """Route child predictions to parent capsules by agreement (Procedure 1 of the paper).
 
@@ -121,6 +122,12 @@ def dynamic_routing(
             iteration.
         detach_inner: the usual gradient convention (see below); ``False`` makes
             the whole procedure differentiable.
+        bias: optional learned per-parent bias ``(K, D)`` added to every parent's
+            weighted sum before the squash in every iteration,
+            ``v_j = squash(sum_i c_ij u_hat_ij + bias_j)``, as in the authors'
+            published code (``_update_routing`` in Sarasra/models,
+            research/capsules, initialised there to the constant 0.1). ``None``
+            (the default) routes without it, as the paper's Procedure 1 reads.
 
     Returns:
         ``v (B, K, D)``, and ``c (B, N, K)`` when ``return_coupling``. ``c`` sums
@@ -129,16 +136,19 @@ def dynamic_routing(
     Algorithm: logits ``b (B, N, K)`` start at zero for every example (they are
     not parameters); each iteration sets ``c = softmax(b)`` over the parents,
     ``s_j = sum_i c_ij u_hat_ij``, ``v_j = squash(s_j)`` and, except after the
-    last, ``b_ij += u_hat_ij . v_j``.
+    last, ``b_ij += u_hat_ij . v_j`` (with ``bias``, ``s_j`` gains ``bias_j``
+    before the squash in every iteration, so it shifts the agreement too).
 
     Gradients: with ``detach_inner`` (the default, a convention of public
-    re-implementations; the authors' published code has no stop-gradient and
-    adds a learned per-parent bias to ``s`` before the squash, see
-    docs/capsules.md) every iteration but the last computes ``s``, ``v`` and the
+    re-implementations; the authors' published code has no stop-gradient, see
+    docs/capsules.md; with its ``bias`` and ``detach_inner=False`` this function
+    computes what that code computes) every iteration but the last computes ``s``, ``v`` and the
     logit update from ``u_hat.detach()``. Hence ``b`` and ``c`` carry no gradient
     at all, and gradients reach ``u_hat`` only through the last iteration's
     ``s = sum_i c_ij u_hat_ij``, with ``c`` held as a constant. With
-    ``iterations=1`` the detach changes nothing (``c`` is uniform).
+    ``iterations=1`` the detach changes nothing (``c`` is uniform). The bias is
+    detached with ``u_hat`` in the inner iterations, so under ``detach_inner``
+    its gradient, like ``u_hat``'s, comes through the last iteration only.
 
     Precision: half and bfloat16 inputs are cast to float32 and the routing runs
     with autocast disabled; float64 stays float64.
@@ -147,6 +157,11 @@ def dynamic_routing(
         raise ValueError(f"u_hat must be (B, N, K, D); got shape {tuple(u_hat.shape)}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1; got {iterations}")
+    if bias is not None and tuple(bias.shape) != (u_hat.shape[2], u_hat.shape[3]):
+        raise ValueError(
+            f"bias must be (K, D) = {(u_hat.shape[2], u_hat.shape[3])} for u_hat of shape "
+            f"{tuple(u_hat.shape)}; got {tuple(bias.shape)}"
+        )
     dtype = torch.float64 if u_hat.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=u_hat.device.type, enabled=False):
         # Routing runs on the (B, K, N, D) layout: both the weighted sum and the
@@ -161,12 +176,18 @@ def dynamic_routing(
         u_flat = u.view(bsz * k, n, d)
         frozen = detach_inner and u_hat.requires_grad and torch.is_grad_enabled()
         logits = u.new_zeros(bsz, k, n)
+        if bias is not None:
+            bias = bias.to(dtype)
+            inner_bias = bias.detach() if detach_inner else bias
         for step in range(iterations):
             c = _coupling(logits, leaky)
-            if frozen and step == iterations - 1:
+            last = step == iterations - 1
+            if frozen and last:
                 s = _FrozenCouplingSum.apply(u_hat, c, u_flat).view(bsz, k, d)
             else:
                 s = torch.bmm(c.reshape(bsz * k, 1, n), u_flat).view(bsz, k, d)
+            if bias is not None:
+                s = s + (bias if last else inner_bias)
             v = squash(s)
             if step < iterations - 1:
                 # v as a row times u^T: about 2.5x faster on CPU than u times v
@@ -220,6 +241,17 @@ class CapsNetParams(EncoderParams):
         True,
         description="Route with detached predictions in all but the last iteration "
         "(the usual practice); false backpropagates through every iteration.",
+    )
+    routing_bias: bool = Field(
+        False,
+        description="Add a learned per-parent bias (K x D) to each class capsule's weighted sum "
+        "before the squash in every routing iteration, as the authors' published code does; "
+        "false (default) follows the paper's Procedure 1.",
+    )
+    routing_bias_init: float = Field(
+        0.1,
+        description="Initial value of every entry of the routing bias (a constant; 0.1 in the "
+        "authors' code). Used only with routing_bias = true.",
     )
     share_weights_across_positions: bool = Field(
         False,
@@ -277,6 +309,12 @@ class CapsNetEncoder(Encoder):
         rows = p.primary_types if p.share_weights_across_positions else self.num_children
         std = p.weight_init_std or num_classes / math.sqrt(self.num_children * p.class_dim)
         self.weight = nn.Parameter(torch.randn(rows, p.primary_dim, num_classes * p.class_dim) * std)
+        # Only registered when used, so checkpoints of encoders without it keep their keys.
+        self.routing_bias = (
+            nn.Parameter(torch.full((num_classes, p.class_dim), float(p.routing_bias_init)))
+            if p.routing_bias
+            else None
+        )
 
     def predictions(self, images: torch.Tensor) -> torch.Tensor:
         """Return the children's predictions ``u_hat (B, N, K, D)`` for ``images``.
@@ -311,6 +349,7 @@ class CapsNetEncoder(Encoder):
             leaky=self.params.leaky_routing,
             return_coupling=True,
             detach_inner=self.params.routing_detach,
+            bias=self.routing_bias,
         )
         self._diagnose(v, c)
         return v

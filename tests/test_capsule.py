@@ -34,8 +34,12 @@ def _ref_squash(s: np.ndarray) -> np.ndarray:
     return sq / (1.0 + sq) * s / math.sqrt(sq + EPS)
 
 
-def _ref_routing(u_hat: np.ndarray, iterations: int, leaky: bool):
-    """Procedure 1 of Sabour et al. (2017), one example, child and parent at a time."""
+def _ref_routing(u_hat: np.ndarray, iterations: int, leaky: bool, bias: np.ndarray | None = None):
+    """Procedure 1 of Sabour et al. (2017), one example, child and parent at a time.
+
+    With ``bias`` (K, D), parent j's weighted sum gains ``bias[j]`` before the squash in
+    every iteration, as in the authors' code (``_update_routing``).
+    """
     batch, n_child, n_parent, _ = u_hat.shape
     v_out = np.zeros((batch, n_parent, u_hat.shape[3]))
     c_out = np.zeros((batch, n_child, n_parent))
@@ -51,6 +55,8 @@ def _ref_routing(u_hat: np.ndarray, iterations: int, leaky: bool):
             v = np.zeros((n_parent, u_hat.shape[3]))
             for j in range(n_parent):
                 s_j = sum(c[i, j] * u_hat[b, i, j] for i in range(n_child))
+                if bias is not None:
+                    s_j = s_j + bias[j]
                 v[j] = _ref_squash(s_j)
             if r < iterations - 1:
                 for i in range(n_child):
@@ -102,6 +108,31 @@ def test_routing_matches_plain_reference(shape, iterations, leaky):
     assert v.shape == shape[:1] + shape[2:] and c.shape == shape[:3]
     np.testing.assert_allclose(v.numpy(), v_ref, rtol=0, atol=1e-6)
     np.testing.assert_allclose(c.numpy(), c_ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (3, 7, 10, 16)])
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("leaky", [False, True])
+@pytest.mark.parametrize("detach_inner", [False, True])
+def test_routing_with_bias_matches_plain_reference(shape, iterations, leaky, detach_inner):
+    torch.manual_seed(hash((shape, iterations, leaky, detach_inner, "bias")) % 2**31)
+    u_hat = torch.randn(*shape, dtype=torch.float64) * 0.5
+    bias = torch.randn(shape[2], shape[3], dtype=torch.float64) * 0.3
+    v, c = dynamic_routing(u_hat, iterations, leaky=leaky, return_coupling=True, detach_inner=detach_inner, bias=bias)
+    v_ref, c_ref = _ref_routing(u_hat.numpy(), iterations, leaky, bias.numpy())
+    np.testing.assert_allclose(v.numpy(), v_ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(c.numpy(), c_ref, rtol=0, atol=1e-6)
+    # The bias matters: without it the output differs.
+    assert not np.allclose(dynamic_routing(u_hat, iterations, leaky=leaky).numpy(), v_ref, atol=1e-3)
+
+
+def test_routing_bias_zero_is_no_bias_and_bad_shape_is_refused():
+    torch.manual_seed(20)
+    u_hat = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    zero = torch.zeros(3, 4, dtype=torch.float64)
+    assert torch.equal(dynamic_routing(u_hat, 3, bias=zero), dynamic_routing(u_hat, 3))
+    with pytest.raises(ValueError, match="bias must be"):
+        dynamic_routing(u_hat, 3, bias=torch.zeros(4, 3))
 
 
 def test_routing_agreement_moves_coupling():
@@ -197,7 +228,73 @@ def test_detached_routing_gradient_is_frozen_coupling_gradient(leaky):
     assert not torch.allclose(grad_full, grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides", [dict(routing_iterations=2, routing_detach=False), dict(routing_iterations=1, leaky_routing=True)])
+def test_gradients_reach_the_routing_bias():
+    torch.manual_seed(21)
+    u_hat = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    bias = (torch.randn(3, 4, dtype=torch.float64) * 0.2).requires_grad_(True)
+    # Fully differentiable routing: the gradient through every iteration, bias included.
+    assert torch.autograd.gradcheck(
+        lambda u, b: dynamic_routing(u, 3, leaky=True, detach_inner=False, bias=b), (u_hat, bias)
+    )
+    # With the inner detach the bias, like u_hat, gets the gradient of the last iteration
+    # with the coupling held constant: v = squash(sum_i c_ij u_hat_ij + bias_j).
+    weights = torch.randn(2, 3, 4, dtype=torch.float64)
+    v, c = dynamic_routing(u_hat, 3, return_coupling=True, bias=bias)
+    grad_u, grad_b = torch.autograd.grad((v * weights).sum(), (u_hat, bias))
+    c_fixed = c.detach().clone()
+
+    def frozen(u, b):
+        return squash(torch.einsum("bnk,bnkd->bkd", c_fixed, u) + b)
+
+    assert torch.autograd.gradcheck(frozen, (u_hat, bias))
+    want_u, want_b = torch.autograd.grad((frozen(u_hat, bias) * weights).sum(), (u_hat, bias))
+    assert torch.allclose(grad_u, want_u, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(grad_b, want_b, rtol=1e-10, atol=1e-12)
+    assert float(grad_b.abs().max()) > 0
+
+
+def test_encoder_routing_bias_param_and_gradient():
+    torch.manual_seed(22)
+    images = torch.rand(3, *TINY_SHAPE) * 2 - 1
+    plain = _tiny()
+    assert plain.routing_bias is None and "routing_bias" not in plain.state_dict()  # old checkpoints load
+    enc = _tiny(routing_bias=True, routing_bias_init=0.05)
+    assert enc.routing_bias.shape == (3, 4) and torch.equal(enc.routing_bias, torch.full((3, 4), 0.05))
+    assert any(p is enc.routing_bias for p in enc.parameters())  # the optimizer sees it
+    enc.load_state_dict({**plain.state_dict(), "routing_bias": enc.routing_bias.detach()})
+    v = enc(images)
+    expected = dynamic_routing(enc.predictions(images), 3, bias=enc.routing_bias)
+    assert torch.allclose(v, expected, atol=1e-6) and not torch.allclose(v, plain(images), atol=1e-4)
+    CapsNetEncoder.class_scores(v).sum().backward()
+    assert enc.routing_bias.grad is not None and float(enc.routing_bias.grad.abs().max()) > 0
+    assert _tiny(routing_bias=False, routing_bias_init=0.3).routing_bias is None
+
+
+def test_routing_bias_recipe_params_round_trip(registry, tiny_recipe):
+    import tomllib
+
+    from capsgan_toolkit.recipe import dumps_toml, resolve
+
+    params = CapsNetParams(**TINY, routing_bias=True, routing_bias_init=0.25)
+    assert CapsNetParams(**params.model_dump()) == params
+    assert CapsNetParams().routing_bias is False and CapsNetParams().routing_bias_init == 0.1
+    tiny_recipe["encoder"] = {"plugin": "capsnet", **TINY, "routing_bias": True, "routing_bias_init": 0.25}
+    data = resolve(tiny_recipe, registry).to_dict()
+    assert data["encoder"]["routing_bias"] is True and data["encoder"]["routing_bias_init"] == 0.25
+    assert resolve(tomllib.loads(dumps_toml(data)), registry).to_dict() == data
+    # Left out, the defaults are written back: no bias.
+    del tiny_recipe["encoder"]["routing_bias"], tiny_recipe["encoder"]["routing_bias_init"]
+    assert resolve(tiny_recipe, registry).to_dict()["encoder"]["routing_bias"] is False
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(routing_iterations=2, routing_detach=False),
+        dict(routing_iterations=1, leaky_routing=True),
+        dict(routing_iterations=2, routing_detach=False, routing_bias=True),
+    ],
+)
 def test_gradcheck_tiny_encoder(overrides):
     torch.manual_seed(5)
     enc = _tiny(**overrides).double()
@@ -374,6 +471,14 @@ def _check_compiled_routing(backend: str) -> None:
     (g_c,) = torch.autograd.grad(v_c.sum(), u_hat)
     (g_e,) = torch.autograd.grad(v_e.sum(), u_hat)
     assert torch.allclose(g_c, g_e, atol=1e-6)
+    # With the learned per-parent bias, still one graph, and the bias gets the same gradient.
+    bias = torch.full((4, 8), 0.1, requires_grad=True)
+    v_c = compiled(u_hat, 3, bias=bias)
+    v_e = dynamic_routing(u_hat, 3, bias=bias)
+    assert torch.allclose(v_c, v_e, atol=1e-6)
+    g_c = torch.autograd.grad(v_c.sum(), (u_hat, bias))
+    g_e = torch.autograd.grad(v_e.sum(), (u_hat, bias))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_c, g_e))
 
 
 def test_routing_traces_as_one_graph():
