@@ -6,7 +6,9 @@
 # model with 64 primary types (recipes/capsgan_cifar.toml's model) on 50,000 built-in 32 x 32 RGB
 # glyphs (the built-in data needs no download, so the epoch sizes match MNIST's and CIFAR-10's);
 # and the plain DCGAN baseline on the same CIFAR-size data. It prints the card's name and, per run,
-# the training seconds per epoch and images/s from each run's summary.json.
+# the training seconds per epoch and images/s from each run's summary.json; then the MNIST-size
+# epoch again with the [speed] options on; then `capsgan bench` on the card: the MNIST capsule
+# recipe against its CNN twin, and each [speed] option against the same recipe without it.
 #
 # Usage: bash benchmarks/gpu.sh [OUT_DIR]    (extra wheels, if the machine lacks a dependency, in .whl/)
 # A dry run of the script itself on a CPU: CAPSGAN_GPU_DEVICE=cpu CAPSGAN_GPU_QUICK=1 bash benchmarks/gpu.sh
@@ -49,6 +51,8 @@ runs = [
     recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size", glyphs28),
     recipe("recipes/capsgan_cifar.toml", "capsnet-cifar64-size", glyphs32),
     recipe("recipes/dcgan_cifar.toml", "dcgan-cifar-size", glyphs32),
+    recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-fast", glyphs28,
+           speed={"precision": "bf16", "channels_last": True, "cudnn_benchmark": True, "pin_memory": True}),
 ]
 print(f"{'run':24s} {'batch':>5s} {'s/epoch':>8s} {'img/s':>9s} {'test acc':>8s}  wall")
 for p in runs:
@@ -66,3 +70,12 @@ for p in runs:
     print(f"{p.stem:24s} {bs:5d} {num(s['seconds_per_epoch'], '8.1f'):>8s} {num(s['images_per_s'], '9.0f'):>9s} "
           f"{'-' if acc is None else f'{acc:.3f}':>8s}  {wall:.0f}s ({s['device']})")
 PY
+dev="${CAPSGAN_GPU_DEVICE:-cuda}"
+steps=20; [ -n "${CAPSGAN_GPU_QUICK:-}" ] && steps=1
+bench() { echo "== capsgan bench $*"; python3 -m capsgan_toolkit bench "$@" --device "$dev" --steps "$steps" --warmup 3 \
+            --image-shape 1,28,28 --classes 10 || echo "bench FAILED"; }
+bench recipes/capsgan_mnist.toml --baseline recipes/cnngan_mnist.toml
+bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set 'speed.precision="bf16"' --baseline-set 'speed.precision="float32"'
+bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.channels_last=true --baseline-set speed.channels_last=false
+bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.cudnn_benchmark=true --baseline-set speed.cudnn_benchmark=false
+bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.compile=true --baseline-set speed.compile=false

@@ -212,7 +212,7 @@ def run(recipe, out, sets, resume, overwrite, quiet, strict_plugins):
     else:
         summary = api.train(recipe, out=out, sets=sets, overwrite=overwrite, console=out_console,
                             strict_plugins=strict_plugins)
-    if not quiet:
+    if not quiet and summary:  # empty on the ranks other than 0 of a torchrun run
         acc = summary.get("test_acc")
         shown = f"test accuracy {acc:.3f}, " if acc is not None else ""
         console.print(f"[green]done[/]: {shown}{summary['train_time_s']:.0f}s training. "

@@ -218,8 +218,9 @@ class Trainer(Checkpointing):
                                             self.monitor.histograms()))
 
     def _interrupt(self) -> None:
-        path = self.save("interrupt.pt")  # None on ranks other than 0
+        path = self.save("interrupt.pt")  # rank 0 writes it; the other ranks of a torchrun run stop with it
         received = self.signals.received
-        name = signal.Signals(received).name if received is not None else "a signal to another rank"
+        name = signal.Signals(received).name if received is not None else "a signal to another process"
+        where = path if path is not None else f"{self.rd.checkpoint_file('interrupt.pt')} by rank 0"
         raise Interrupted(f"Stopped by {name} at epoch {self.pos.epoch}, step {self.pos.step}; checkpoint saved to "
-                          f"{path}. Resume with: capsgan run --resume {self.rd.path}")
+                          f"{where}. Resume with: capsgan run --resume {self.rd.path}")

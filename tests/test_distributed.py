@@ -102,10 +102,11 @@ def test_two_ranks_stay_identical_and_match_one_process_with_the_same_global_bat
     assert not list((tmp_path / "two").glob("*rank1*"))
 
 
-def test_a_killed_two_process_run_resumes_exactly(tmp_path):
+def test_a_killed_or_stopped_two_process_run_resumes_exactly(tmp_path):
     recipe = gan_recipe(tmp_path, batch_size=4, epochs=4, steps_per_epoch=3)
-    straight = torchrun("-m", "capsgan_toolkit", "run", recipe, "--out", tmp_path / "straight", "--quiet")
+    straight = torchrun("-m", "capsgan_toolkit", "run", recipe, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert straight.stdout.count("done: test accuracy") == 1  # rank 0 alone reports
 
     killed_dir = tmp_path / "killed"
     proc = torchrun("-m", "capsgan_toolkit", "run", recipe, "--out", killed_dir, "--quiet",
@@ -128,4 +129,30 @@ def test_a_killed_two_process_run_resumes_exactly(tmp_path):
     a = models(tmp_path / "straight" / "checkpoints" / "final.pt")
     b = models(killed_dir / "checkpoints" / "final.pt")
     assert max_difference(a, b) == 0.0
+
+    # SIGTERM to torchrun (a scheduler's preemption): torchrun passes it to both workers, they
+    # agree on one step to stop at, rank 0 writes interrupt.pt, and the resume ends where the
+    # uninterrupted run ends.
+    stopped_dir = tmp_path / "stopped"
+    proc = torchrun("-m", "capsgan_toolkit", "run", recipe, "--out", stopped_dir, "--quiet",
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while '"kind": "train"' not in _read(stopped_dir / "metrics.jsonl") and proc.poll() is None:
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert (stopped_dir / "checkpoints" / "interrupt.pt").exists(), output[-3000:]
+    assert not (stopped_dir / "checkpoints" / "final.pt").exists()
+    resumed = torchrun("-m", "capsgan_toolkit", "run", "--resume", stopped_dir, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max_difference(a, models(stopped_dir / "checkpoints" / "final.pt")) == 0.0
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
 
