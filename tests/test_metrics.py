@@ -586,7 +586,7 @@ def _evaluator_parts(registry, tmp_path):
     ev = EvalSection.model_validate({"num_images": 20, "batch_size": 8, "prior_images": 0, "cache_dir": str(tmp_path),
                                      "features": {"domain": {"plugin": "domain_classifier", **domain}}})
     params = registry.get("metric_features", "domain_classifier").params_model(**domain)
-    resolved = SimpleNamespace(recipe=SimpleNamespace(eval=ev), params={"eval.features.domain": params},
+    resolved = SimpleNamespace(recipe=SimpleNamespace(eval=ev, augment=None), params={"eval.features.domain": params},
                                to_dict=lambda: {"data": {"plugin": "glyphs", "num_train": 96, "num_test": 40}})
     return resolved, data, encoder, generator
 
