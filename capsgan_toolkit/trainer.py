@@ -188,14 +188,17 @@ class Trainer(Checkpointing):
     def _end_epoch(self) -> None:
         done = self.pos.epoch + 1
         last = done == self.recipe.run.epochs or self.stopped_by is not None
+        # A budget (run.max_steps, run.max_minutes) may stop an epoch part-way: the position then
+        # stays inside it, so a resume with a larger budget trains the rest of that epoch.
+        complete = self.pos.batch_in_epoch >= self.batches_per_epoch
         if self.dist.is_main:  # evaluation, pictures, checkpoints and events: rank 0 alone
-            self._epoch_outputs(done, last)
-        else:
+            self._epoch_outputs(done, last, complete)
+        elif complete:
             self.pos.epoch, self.pos.batch_in_epoch = done, 0
         if self.dist.any(self.signals.received is not None) and not last:
             self._interrupt()  # the signal came during the end-of-epoch work
 
-    def _epoch_outputs(self, done: int, last: bool) -> None:
+    def _epoch_outputs(self, done: int, last: bool, complete: bool) -> None:
         pos = self.pos
         row = {"kind": "epoch", "epoch": pos.epoch, "step": pos.step, **self.monitor.epoch_metrics(),
                "encoder_acc": pos.encoder_acc.value, "disc_acc": pos.disc_acc.value, "time_s": pos.elapsed}
@@ -207,7 +210,8 @@ class Trainer(Checkpointing):
         improved = row.get("val_acc") is not None and row["val_acc"] > pos.best_val_acc
         if improved:
             pos.best_val_acc = row["val_acc"]
-        pos.epoch, pos.batch_in_epoch = done, 0
+        if complete:
+            pos.epoch, pos.batch_in_epoch = done, 0
         if improved:
             self.save("best.pt")
         every = self.recipe.checkpoint.every_epochs

@@ -74,3 +74,27 @@ def test_warm_up_learning_rate_is_logged_and_resume_mid_warm_up_is_exact(tmp_pat
         for key, value in weights.items():
             assert torch.equal(value, b["models"][part][key]), f"{part}.{key}"
     assert a["schedulers"] == b["schedulers"]
+
+
+def test_a_step_budget_that_stops_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
+    recipe = copy.deepcopy(TINY_RECIPE)  # 2 epochs x 3 steps
+    result, straight = _run(tmp_path, recipe, name="straight")
+    assert result.exit_code == 0, result.output
+    budget = copy.deepcopy(recipe)
+    budget["run"]["max_steps"] = 4  # stops after the first step of epoch 1
+    result, stopped = _run(tmp_path, budget, name="stopped")
+    assert result.exit_code == 0, result.output
+    final = ckpt.load_checkpoint(stopped / "checkpoints" / "final.pt")
+    assert final["position"] == {"epoch": 1, "batch_in_epoch": 1, "step": 4}
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["stopped_by"] == "run.max_steps" and summary["epochs"] == 1 and summary["steps"] == 4
+    result = invoke("run", "--resume", stopped, "--set", "run.max_steps=0", "--quiet")
+    assert result.exit_code == 0, result.output
+    a = ckpt.load_checkpoint(straight / "checkpoints" / "final.pt")
+    b = ckpt.load_checkpoint(stopped / "checkpoints" / "final.pt")
+    assert b["position"] == a["position"] == {"epoch": 2, "batch_in_epoch": 0, "step": 6}
+    for part, weights in a["models"].items():
+        for key, value in weights.items():
+            assert torch.equal(value, b["models"][part][key]), f"{part}.{key}"
+    epochs = [r["epoch"] for r in read_metrics(stopped / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert epochs == [0, 1]  # the partial epoch's row was replaced by the whole epoch's
