@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from capsgan_toolkit.data import ImageTensorDataset
+from capsgan_toolkit.data import ImageTensorDataset, batch_fetcher
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.interfaces import DatasetInfo, DatasetPlugin
 
@@ -205,6 +205,17 @@ class _CentreCropSplit(torch.utils.data.Dataset):
         image, label = self.inner[index]
         top, left = centre_offsets(image.shape[-2], image.shape[-1], self.crop)
         return image[..., top:top + self.crop, left:left + self.crop], label
+
+    def _batch_fetcher(self):
+        inner = batch_fetcher(self.inner)
+        if inner is None:
+            return None
+
+        def fetch(idx):
+            images, labels = inner(idx)
+            top, left = centre_offsets(images.shape[-2], images.shape[-1], self.crop)
+            return images[..., top:top + self.crop, left:left + self.crop].contiguous(), labels
+        return fetch
 
     def __getattr__(self, name):  # e.g. ``labels``; never for private names (pickling looks them up first)
         if name.startswith("_") or name == "inner":

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from capsgan_toolkit.catalogue import (
     CATALOGUE, FEATURE_METRICS, KID_SUBSETS, Metric, is_splits, kid_subset_size, missing_capability, result_key,
 )
+from capsgan_toolkit.data import batch_loader
 from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup
 from capsgan_toolkit.metrics import (
     Progress, as_progress, cache_root, conditional_accuracy, fidelity_scores, fork_rng, progress_task, psnr,
@@ -80,7 +81,7 @@ def preflight(resolved: ResolvedRecipe, registry: Registry, info) -> None:
 
 
 def _batches(dataset, indices: torch.Tensor, batch_size: int):
-    return DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False)
+    return batch_loader(Subset(dataset, indices.tolist()), batch_size=batch_size)
 
 
 def fit_prior(encoder, data, *, limit: int, seed: int, batch_size: int, device: torch.device,
@@ -263,7 +264,7 @@ class Evaluator:
     def _accuracy(self, report: EvalReport) -> None:
         split = self.dataset.split("test")
         correct = 0
-        loader = DataLoader(split, batch_size=self.ev.batch_size, shuffle=False)
+        loader = batch_loader(split, batch_size=self.ev.batch_size)
         for images, labels in self.progress.track(loader, f"Classifying the test split ({len(split)} images)"):
             scores = self.objective.classify(images.to(self.device))
             correct += (scores.argmax(1).cpu() == torch.as_tensor(labels)).sum().item()

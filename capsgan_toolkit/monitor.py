@@ -11,10 +11,9 @@ import resource
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from capsgan_toolkit.build import count_parameters
-from capsgan_toolkit.data import class_balanced_indices, split_labels
+from capsgan_toolkit.data import batch_loader, class_balanced_indices, split_labels
 from capsgan_toolkit.ema import averaged
 from capsgan_toolkit.events import EvaluationDone, emit
 from capsgan_toolkit.reporting import plot_curves, read_metrics, save_grid, save_pairs, save_traversal
@@ -41,7 +40,7 @@ class Monitor:
         obj, device = self.t.objective, self.t.device
         correct = total = 0
         sq = 0.0
-        loader = DataLoader(dataset, batch_size=max(self.t.batch_size, 64), shuffle=False)
+        loader = batch_loader(dataset, batch_size=max(self.t.batch_size, 64))
         for i, (images, labels) in enumerate(loader):
             if limit_batches and i >= limit_batches:
                 break

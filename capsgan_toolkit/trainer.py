@@ -13,11 +13,11 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from capsgan_toolkit import checkpoint as ckpt
 from capsgan_toolkit import distributed
 from capsgan_toolkit.build import Built, build, pick_device
+from capsgan_toolkit.data import batch_loader
 from capsgan_toolkit.divergence import DivergenceGuard
 from capsgan_toolkit.ema import EMA
 from capsgan_toolkit.errors import Interrupted
@@ -160,9 +160,9 @@ class Trainer(Checkpointing):
         batches = [self.dist.shard(order[i * size:(i + 1) * size].tolist(), self.batch_size)
                    for i in range(pos.batch_in_epoch, self.batches_per_epoch)]
         # An own generator: a DataLoader draws its base seed from the global RNG otherwise (resume-unsafe).
-        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.resolved.params["data"].num_workers,
-                            generator=torch.Generator().manual_seed(run.seed * 1_000_003 + pos.epoch),
-                            pin_memory=self.speed.pin_memory)
+        loader = batch_loader(self.train_set, batches, num_workers=self.resolved.params["data"].num_workers,
+                              generator=torch.Generator().manual_seed(run.seed * 1_000_003 + pos.epoch),
+                              pin_memory=self.speed.pin_memory)
         tick = time.perf_counter()
         for images, labels in loader:
             self.train_step(self.speed.batch(images.to(self.device, non_blocking=True)),

@@ -1,0 +1,95 @@
+"""Whole-batch reading (capsgan_toolkit.data.batch_loader) gives exactly what item-by-item reading gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from capsgan_toolkit.augment import _CentreCropSplit
+from capsgan_toolkit.data import ImageTensorDataset, batch_fetcher, batch_loader
+
+
+def _dataset(n=50, shape=(3, 8, 8), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    return ImageTensorDataset(images, labels)
+
+
+def _batches(n, size, seed=1):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def _item_by_item(dataset, batches):
+    """The reference: PyTorch's own per-item reading and default collate."""
+    return list(DataLoader(dataset, batch_sampler=batches))
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for (gi, gl), (wi, wl) in zip(got, want):
+        assert gi.dtype == wi.dtype == torch.float32 and gl.dtype == wl.dtype
+        assert torch.equal(gi, wi) and torch.equal(gl, wl)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "subset", "nested subset", "centre crop", "crop of subset"])
+def test_whole_batches_equal_item_by_item_reading_bit_for_bit(wrap):
+    base = _dataset()
+    dataset = {
+        "plain": base,
+        "subset": Subset(base, list(range(49, 9, -1))),
+        "nested subset": Subset(Subset(base, list(range(5, 50))), [3, 0, 7, 30, 2, 11, 44, 1]),
+        "centre crop": _CentreCropSplit(base, 5),
+        "crop of subset": _CentreCropSplit(Subset(base, list(range(0, 50, 2))), 6),
+    }[wrap]
+    assert batch_fetcher(dataset) is not None  # the fast path is taken
+    batches = _batches(len(dataset), 7)
+    _assert_same(list(batch_loader(dataset, batches)), _item_by_item(dataset, batches))
+
+
+def test_batch_size_reads_the_split_in_order_with_a_short_last_batch():
+    dataset = Subset(_dataset(23), list(range(22, -1, -1)))
+    got = list(batch_loader(dataset, batch_size=10))
+    assert [len(lab) for _, lab in got] == [10, 10, 3]
+    _assert_same(got, list(DataLoader(dataset, batch_size=10, shuffle=False)))
+
+
+def test_a_subclass_that_serves_items_differently_is_read_item_by_item():
+    class Inverted(ImageTensorDataset):
+        def __getitem__(self, index):
+            image, label = super().__getitem__(index)
+            return -image, label
+
+    base = _dataset()
+    dataset = Inverted(base.images, base.labels)
+    assert batch_fetcher(dataset) is None and batch_fetcher(Subset(dataset, [1, 2])) is None
+    batches = _batches(len(dataset), 8)
+    got = list(batch_loader(dataset, batches))
+    _assert_same(got, _item_by_item(dataset, batches))
+    assert torch.equal(got[0][0], -list(batch_loader(base, batches))[0][0])
+
+
+def test_a_data_set_without_batch_reading_is_read_item_by_item():
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return 9
+
+        def __getitem__(self, i):
+            return torch.full((1, 2, 2), float(i)), i % 3
+
+    batches = [[8, 1], [0, 4, 5], [7]]
+    assert batch_fetcher(Plain()) is None
+    _assert_same(list(batch_loader(Plain(), batches)), _item_by_item(Plain(), batches))
+
+
+def test_worker_processes_read_the_same_batches():
+    dataset = Subset(_dataset(), list(range(40)))
+    batches = _batches(len(dataset), 6)
+    _assert_same(list(batch_loader(dataset, batches, num_workers=1)), _item_by_item(dataset, batches))
+
+
+def test_batch_loader_needs_batches_or_a_batch_size():
+    with pytest.raises(ValueError, match="batches or batch_size"):
+        batch_loader(_dataset())
