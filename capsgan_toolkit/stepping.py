@@ -95,7 +95,11 @@ class Optimizers:
     # ------------------------------------------------------------------ NaN and Inf
 
     def _finite(self, values: dict[str, torch.Tensor], what: str) -> bool:
-        bad = [name for name, v in values.items() if not torch.isfinite(v).all()]
+        if not values:
+            return True
+        device = next(iter(values.values())).device  # one read from the device for every value, not one each
+        finite = torch.stack([torch.isfinite(v.detach()).all().to(device) for v in values.values()]).tolist()
+        bad = [name for name, ok in zip(values, finite) if not ok]
         if not bad:
             return True
         if self.recipe.run.on_nan == "skip":

@@ -351,12 +351,27 @@ class CapsNetEncoder(Encoder):
             detach_inner=self.params.routing_detach,
             bias=self.routing_bias,
         )
-        self._diagnose(v, c)
+        self._diag_pending = (v.detach(), c.detach())  # read when asked for: no device read per forward
         return v
 
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        """``capsule_len`` and ``coupling_entropy`` of the last forward pass (see :meth:`_diagnose`).
+
+        Computed when read, not in every forward: a GPU forward then never waits for the device.
+        """
+        pending = self.__dict__.get("_diag_pending")
+        if pending is not None:
+            self._diag_values, self._diag_pending = self._diagnose(*pending), None
+        return self.__dict__.get("_diag_values", {})
+
+    @diagnostics.setter
+    def diagnostics(self, value: dict[str, float]) -> None:
+        self._diag_values, self._diag_pending = dict(value), None
+
     @torch.no_grad()
-    def _diagnose(self, v: torch.Tensor, c: torch.Tensor) -> None:
-        """Record ``capsule_len`` and ``coupling_entropy``.
+    def _diagnose(self, v: torch.Tensor, c: torch.Tensor) -> dict[str, float]:
+        """Return ``capsule_len`` and ``coupling_entropy``.
 
         ``capsule_len``: mean over the batch of the longest class capsule's length.
         ``coupling_entropy``: mean over examples and children of the entropy of
@@ -374,10 +389,8 @@ class CapsNetEncoder(Encoder):
             ent = ent - leak * torch.log(leak.clamp_min(1e-30))
             parents += 1
         norm = math.log(parents) if parents > 1 else 1.0
-        self.diagnostics = {
-            "capsule_len": float(lengths.amax(dim=1).mean()),
-            "coupling_entropy": float(ent.mean() / norm),
-        }
+        capsule_len, coupling_entropy = torch.stack([lengths.amax(dim=1).mean(), ent.mean() / norm]).tolist()
+        return {"capsule_len": capsule_len, "coupling_entropy": coupling_entropy}
 
 
 @hookimpl
