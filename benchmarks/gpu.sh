@@ -5,7 +5,8 @@
 # (recipes/capsgan_mnist.toml's model) on 60,000 built-in 28 x 28 glyphs; the report's CIFAR-10
 # model with 64 primary types (recipes/capsgan_cifar.toml's model) on 50,000 built-in 32 x 32 RGB
 # glyphs (the built-in data needs no download, so the epoch sizes match MNIST's and CIFAR-10's);
-# and the plain DCGAN baseline on the same CIFAR-size data. It prints the card's name and, per run,
+# and the plain DCGAN baseline on the same CIFAR-size data; the MNIST-size epoch again reading images
+# one at a time as before whole-batch reading (for the ratio). It prints the card's name and, per run,
 # the training seconds per epoch and images/s from each run's summary.json; then the MNIST-size
 # epoch again with the [speed] options on; then `capsgan bench` on the card: the MNIST capsule
 # recipe against its CNN twin, and each [speed] option against the same recipe without it.
@@ -53,11 +54,17 @@ runs = [
     recipe("recipes/dcgan_cifar.toml", "dcgan-cifar-size", glyphs32),
     recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-fast", glyphs28,
            speed={"precision": "bf16", "channels_last": True, "cudnn_benchmark": True, "pin_memory": True}),
+    recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-items", glyphs28),
 ]
+# The last run reads its batches image by image (DataLoader + default collate), as every run did before
+# whole-batch reading (capsgan_toolkit.data.batch_loader): the same epoch as capsnet-mnist-size, for the ratio.
+ITEMS = ("import sys, capsgan_toolkit.data as d; d.batch_fetcher = lambda dataset: None; "
+         "from capsgan_toolkit.cli import main; sys.argv[0] = 'capsgan'; main()")
 print(f"{'run':24s} {'batch':>5s} {'s/epoch':>8s} {'img/s':>9s} {'test acc':>8s}  wall")
 for p in runs:
     start = time.time()
-    r = subprocess.run([sys.executable, "-m", "capsgan_toolkit", "run", str(p), "--out", str(out / p.stem), "--quiet"],
+    cli = ["-c", ITEMS] if p.stem.endswith("-items") else ["-m", "capsgan_toolkit"]
+    r = subprocess.run([sys.executable, *cli, "run", str(p), "--out", str(out / p.stem), "--overwrite", "--quiet"],
                        capture_output=True, text=True)
     wall = time.time() - start
     if r.returncode:
