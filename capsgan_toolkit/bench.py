@@ -202,7 +202,7 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
     phases = Phases(generator=True, discriminator=True)
 
     def step():
-        with speed.autocast():
+        with speed.step():
             objective.step(images, labels, phases, update)
 
     inputs, hooks = {}, []  # what the generator and discriminator get in a real step

@@ -12,10 +12,15 @@ for faster, asynchronous copies to the GPU. Numbers for each: docs/performance.m
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from capsgan_toolkit.errors import CapsganError
+
+_COMPILER_FILES = ("torch/_dynamo/", "torch/_inductor/", "torchinductor_")
 
 
 class SpeedSection(BaseModel):
@@ -43,6 +48,24 @@ class Speed:
             if spec.compile:
                 module.compile()
 
+    @contextlib.contextmanager
+    def step(self):
+        """The context a training step runs in: :meth:`autocast`, and with ``compile`` a clear error
+        when ``torch.compile`` fails (on CUDA with torch 2.11 it does, in the capsnet's convolution
+        backward) instead of the compiler's traceback."""
+        try:
+            with self.autocast():
+                yield
+        except Exception as exc:
+            if not (self.spec.compile and from_compiler(exc)):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CapsganError(
+                f"speed.compile = true: torch.compile failed while compiling or running the models "
+                f"({type(exc).__name__}: {first[:300]}). Checkpoints already written are intact. Set "
+                "speed.compile = false in the recipe's [speed] table (or --set speed.compile=false) and run "
+                "again; `capsgan run --resume RUN --set speed.compile=false` continues an interrupted run.") from exc
+
     def autocast(self):
         """Return the context the forward passes run in (bf16 autocast, or nothing)."""
         if self.spec.precision == "bf16":
@@ -54,3 +77,10 @@ class Speed:
         if self.spec.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images
+
+
+def from_compiler(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside torch.compile's machinery (dynamo, inductor or the code it generated)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or any(
+        marker in frame.filename.replace("\\", "/") for frame in frames for marker in _COMPILER_FILES)

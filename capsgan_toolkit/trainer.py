@@ -88,7 +88,7 @@ class Trainer(Checkpointing):
             disc_acc=pos.disc_acc.value, has_discriminator=self.built.parts.discriminator is not None))
         if self.dist.active:  # each rank draws its own noise; a pure function of the step: nothing to save
             torch.manual_seed(distributed.step_seed(self.recipe.run.seed, pos.step, self.dist.rank))
-        with self.speed.autocast():
+        with self.speed.step():
             result = self.objective.step(self.built.augment(images, pos.step), labels, phases, self.update)
         if self.dist.active:  # the same running accuracies, gate and guard decisions on every rank
             result = self.dist.reduce_result(result)

@@ -81,3 +81,38 @@ def test_compiled_models_train_to_the_same_weights_up_to_rounding(tmp_path):
     _, plain = _train(tmp_path, "plain")
     _, compiled = _train(tmp_path, "compiled", compile=True)
     assert _max_difference(plain, compiled) < 1e-3
+
+
+def _raise_from(filename: str, exc: BaseException):
+    """Raise ``exc`` from a frame whose file is ``filename`` (as code torch.compile generated would)."""
+    code = compile("def fail(exc):\n    raise exc\n", filename, "exec")
+    namespace: dict = {}
+    exec(code, namespace)
+    namespace["fail"](exc)
+
+
+@pytest.mark.parametrize("compile_on, filename, translated", [
+    (True, "/tmp/torchinductor_root/yh/cyhy.py", True),  # generated kernel wrapper code
+    (True, "/venv/lib/python3.12/site-packages/torch/_dynamo/eval_frame.py", True),
+    (True, "/work/plugins/capsule.py", False),  # a failure in the model's own code stays as it is
+    (False, "/tmp/torchinductor_root/yh/cyhy.py", False),  # compile off: not the compiler's doing
+])
+def test_a_failure_inside_torch_compile_becomes_a_clear_error(compile_on, filename, translated):
+    from capsgan_toolkit.errors import CapsganError
+    from capsgan_toolkit.speed import Speed, SpeedSection
+
+    class Built:
+        def modules(self):
+            return {}
+
+    speed = Speed(SpeedSection(compile=compile_on), torch.device("cpu"), Built())
+    boom = AssertionError("expected size 64==64, stride 196==1 at dim=1")
+    with pytest.raises(Exception) as info:
+        with speed.step():
+            _raise_from(filename, boom)
+    if translated:
+        assert isinstance(info.value, CapsganError) and info.value.__cause__ is boom
+        message = str(info.value)
+        assert "speed.compile = false" in message and "AssertionError: expected size 64==64" in message
+    else:
+        assert info.value is boom
