@@ -32,3 +32,14 @@ def test_decoder_steps_trains_and_draws_its_picture(tmp_path):
     assert 0.0 < mse < 1.0  # [0, 1] pixel units
     assert "MSE + classification, 3 steps of 32" in out
     assert picture.stat().st_size > 0 and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_conv_paths_times_both_paths_of_each_convolution(tmp_path):
+    out = _run(str(ROOT / "benchmarks" / "bench_conv_paths.py"), str(ROOT / "recipes" / "quickstart.toml"),
+               "--repeats", "3", cwd=tmp_path)
+    rows = [line.split() for line in out.splitlines() if "quickstart.toml" in line]
+    assert [(r[1], r[-4]) for r in rows] == [("conv1", "fwd"), ("conv1", "fwd+bwd"), ("primary", "fwd"),
+                                             ("primary", "fwd+bwd")]
+    for r in rows:
+        gemm, library, ratio = float(r[-3]), float(r[-2]), float(r[-1])
+        assert gemm > 0 and library > 0 and abs(ratio - library / gemm) <= 0.1 * ratio + 0.02  # times print rounded
