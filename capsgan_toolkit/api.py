@@ -75,8 +75,13 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
 
     dist = distributed.setup(_device_hint(recipe, out, sets))  # torchrun: join the process group (else nothing)
     try:
-        return _train(recipe, out=out, sets=sets, resume=resume, overwrite=overwrite,
-                      console=console if dist.is_main else None, strict_plugins=strict_plugins, dist=dist)
+        summary = _train(recipe, out=out, sets=sets, resume=resume, overwrite=overwrite,
+                         console=console if dist.is_main else None, strict_plugins=strict_plugins, dist=dist)
+        # The ranks leave the group together, once rank 0 has written the run's last files, rather than
+        # the others tearing their group down while rank 0 still works (a 2-process gloo run once
+        # aborted in rank 1 at an unknown point; this race is the one the code had).
+        dist.barrier()
+        return summary
     finally:
         distributed.teardown()
 
