@@ -46,28 +46,23 @@ def frozen(module: nn.Module | None):
             p.requires_grad_(flag)
 
 
-def _disc_hits(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Twice the discriminator's batch accuracy, on the device (:func:`_result` halves it once read)."""
-    return (real_logits > 0).float().mean() + (fake_logits < 0).float().mean()
+def _disc_accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator's batch accuracy, left on the device (:func:`_result` reads it)."""
+    return 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
 
 
 def _result(values: dict[str, torch.Tensor], encoder_acc: torch.Tensor | None = None,
-            disc_hits: torch.Tensor | None = None) -> StepResult:
+            disc_acc: torch.Tensor | None = None) -> StepResult:
     """A step's :class:`StepResult`, every number read from the device at once.
 
     Each ``.item()`` waits for the GPU to finish its queue, and the queue then runs dry while
     Python issues the next kernels; one read per step instead of one per number keeps it fed.
     """
-    extra = [t for t in (encoder_acc, disc_hits) if t is not None]
-    tensors = [v.detach().float().reshape(()) for v in values.values()] + [t.reshape(()) for t in extra]
+    accs = {"encoder_acc": encoder_acc, "disc_acc": disc_acc}
+    accs = {k: t for k, t in accs.items() if t is not None}
+    tensors = [v.detach().float().reshape(()) for v in values.values()] + [t.reshape(()) for t in accs.values()]
     numbers = torch.stack(tensors).tolist() if tensors else []
-    result = StepResult(values=dict(zip(values, numbers)))
-    rest = iter(numbers[len(values):])
-    if encoder_acc is not None:
-        result.encoder_acc = next(rest)
-    if disc_hits is not None:
-        result.disc_acc = 0.5 * next(rest)
-    return result
+    return StepResult(values=dict(zip(values, numbers)), **dict(zip(accs, numbers[len(values):])))
 
 
 def _batched(fn, tensor: torch.Tensor, device: torch.device, batch_size: int = 128) -> torch.Tensor:
@@ -126,11 +121,11 @@ class ReconstructionGAN(Objective):
         capsules = p.encoder(images)
         terms = {"classification": p.classification(capsules, labels)}
         encoder_acc = (p.encoder.class_scores(capsules).argmax(1) == labels).float().mean()
-        total, logged, disc_hits = terms["classification"], {}, None
+        total, logged, disc_acc = terms["classification"], {}, None
         if not phases.warmup:
             fake = p.generator(p.encoder.to_latent(capsules, labels))
             if p.discriminator is not None:
-                disc_hits = self._discriminator_step(images, fake.detach(), phases.discriminator, update, logged)
+                disc_acc = self._discriminator_step(images, fake.detach(), phases.discriminator, update, logged)
             if phases.generator:
                 gen = torch.zeros((), device=images.device)
                 if p.reconstruction is not None:
@@ -142,7 +137,7 @@ class ReconstructionGAN(Objective):
                     gen = gen + w["adversarial_weight"] * terms["adversarial"]
                 total = total + w["generator_weight"] * gen
         update("encoder_generator", total, terms)
-        return _result({**logged, **terms}, encoder_acc, disc_hits)
+        return _result({**logged, **terms}, encoder_acc, disc_acc)
 
     def _discriminator_step(self, real, fake, train: bool, update: Update, logged: dict) -> torch.Tensor:
         d = self.p.discriminator
@@ -152,7 +147,7 @@ class ReconstructionGAN(Objective):
                 loss = self.p.adversarial.discriminator_loss(real_logits, fake_logits)
                 update("discriminator", loss, {"discriminator": loss})
                 logged["discriminator"] = loss
-        return _disc_hits(real_logits.detach(), fake_logits.detach())
+        return _disc_accuracy(real_logits.detach(), fake_logits.detach())
 
     # -------------------------------------------------------------- a trained model
 
@@ -247,13 +242,13 @@ class DCGANObjective(Objective):
                 loss = p.adversarial.discriminator_loss(real_logits, fake_logits)
                 update("discriminator", loss, {"discriminator": loss})
                 logged["discriminator"] = loss
-        disc_hits = _disc_hits(real_logits.detach(), fake_logits.detach())
+        disc_acc = _disc_accuracy(real_logits.detach(), fake_logits.detach())
         if phases.generator and not phases.warmup:
             with frozen(p.discriminator):
                 loss = p.adversarial.generator_loss(self._judge(fake, labels))
             update("generator", loss, {"adversarial": loss})
             logged["adversarial"] = loss
-        return _result(logged, disc_hits=disc_hits)
+        return _result(logged, disc_acc=disc_acc)
 
     def generate(self, classes, generator):
         return _batched(self.p.generator, self.sample_latents(classes, generator), _device(self))
