@@ -93,14 +93,14 @@ def batch_fetcher(dataset) -> Fetch | None:
 class _Batches(torch.utils.data.Dataset):
     """A data set whose item ``i`` is the whole batch ``batches[i]`` of ``dataset`` (read with ``fetch``)."""
 
-    def __init__(self, dataset, batches: Sequence[Sequence[int]]):
-        self.dataset, self.batches, self._fetch = dataset, batches, None
+    def __init__(self, dataset, batches: Sequence[Sequence[int]], fetch: Fetch):
+        self.dataset, self.batches, self._fetch = dataset, batches, fetch
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._fetch is None:  # built where it is used: in the worker process too
+        if self._fetch is None:  # a worker process builds its own
             self._fetch = batch_fetcher(self.dataset)
         return self._fetch(torch.as_tensor(self.batches[i], dtype=torch.long))
 
@@ -122,8 +122,9 @@ def batch_loader(dataset, batches: Sequence[Sequence[int]] | None = None, *, bat
             raise ValueError("batch_loader needs batches or batch_size")
         batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
     extra = {"generator": generator} if generator is not None else {}
-    if batch_fetcher(dataset) is not None:
-        return DataLoader(_Batches(dataset, batches), batch_size=None, num_workers=num_workers,
+    fetch = batch_fetcher(dataset)
+    if fetch is not None:
+        return DataLoader(_Batches(dataset, batches, fetch), batch_size=None, num_workers=num_workers,
                           pin_memory=pin_memory, **extra)
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory, **extra)
 
