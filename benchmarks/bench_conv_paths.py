@@ -55,7 +55,10 @@ def main() -> None:
     print(f"{'recipe':28s} {'conv':8s} {'in (B,H,W,C)':18s} {'kernel':>9s} {'pass':>9s} "
           f"{'GEMM ms':>8s} {'oneDNN ms':>9s} {'ratio':>6s}")
     for recipe in args.recipes:
-        built, resolved = build_for_bench(recipe, [], image_shape=(1, 28, 28), classes=10)
+        notes: list[str] = []  # said when the data set could not be built and (1, 28, 28) stood in
+        built, resolved = build_for_bench(recipe, [], image_shape=(1, 28, 28), classes=10, notes=notes)
+        for note in notes:
+            print(f"note: {note}")
         enc, batch = built.parts.encoder, resolved.recipe.data.batch_size
         c, h, w = built.info.image_shape
         x = (torch.rand(batch, c, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1).permute(0, 2, 3, 1)
