@@ -212,15 +212,18 @@ def clip_gradients(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
     if not grads:
         return 0.0
     device = grads[0].device
-    norms = [torch.linalg.vector_norm(g.detach(), 2.0).to(device) for g in grads]
+    # One fused launch per device and dtype on a GPU (the per-tensor norms, as vector_norm computes them).
+    if all(g.device == device for g in grads):
+        norms = torch._foreach_norm([g.detach() for g in grads], 2.0)
+    else:
+        norms = [torch.linalg.vector_norm(g.detach(), 2.0).to(device) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     norm = float(total)
     if max_norm > 0.0 and math.isfinite(norm):
         coef = max_norm / (norm + CLIP_EPS)
         if coef < 1.0:
             with torch.no_grad():
-                for g in grads:
-                    g.mul_(coef)
+                torch._foreach_mul_(grads, coef)
     return norm
 
 

@@ -89,6 +89,16 @@ class RunningMean:
         self.raw, self.count = float(state["raw"]), int(state["count"])
 
 
+def encoder_diagnostics(encoder) -> dict[str, float | torch.Tensor] | None:
+    """The encoder's diagnostics of its last forward: as device tensors where it offers them
+    (``device_diagnostics()``, as the built-in capsnet does: no device read per step), else its
+    ``diagnostics`` dict of floats (the plugin contract)."""
+    if encoder is None:
+        return None
+    device_values = getattr(encoder, "device_diagnostics", None)
+    return device_values() if callable(device_values) else getattr(encoder, "diagnostics", None)
+
+
 @dataclass
 class Position:
     """Where training is: epoch, batch inside the epoch, global step, and running values."""
@@ -121,8 +131,11 @@ class Position:
         """Start a new log interval (sums and counts of logged values, images, time)."""
         self.interval = {"sums": {}, "counts": {}, "images": 0, "time": 0.0}
 
-    def add(self, key: str, value: float) -> None:
-        self.interval["sums"][key] = self.interval["sums"].get(key, 0.0) + float(value)
+    def add(self, key: str, value: float | torch.Tensor) -> None:
+        """Add a value to the interval's sum of ``key``. A tensor (a 0-d value on the model's device) is
+        summed there in float64, the precision of a Python float, and read only by :meth:`means`."""
+        value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+        self.interval["sums"][key] = self.interval["sums"].get(key, 0.0) + value
         self.interval["counts"][key] = self.interval["counts"].get(key, 0) + 1
 
     def record(self, result, phases, diagnostics: dict[str, float] | None) -> None:
@@ -140,13 +153,13 @@ class Position:
             self.add(key, value)
 
     def means(self) -> dict[str, float]:
-        return {k: total / self.interval["counts"][k] for k, total in self.interval["sums"].items()}
+        return {k: float(total) / self.interval["counts"][k] for k, total in self.interval["sums"].items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
                 "skipped_steps": self.skipped_steps, "best_val_acc": self.best_val_acc, "elapsed": self.elapsed,
                 "encoder_acc": self.encoder_acc.state_dict(), "disc_acc": self.disc_acc.state_dict(),
-                "interval": self.interval}
+                "interval": {**self.interval, "sums": {k: float(v) for k, v in self.interval["sums"].items()}}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("epoch", "batch_in_epoch", "step", "skipped_steps", "best_val_acc", "elapsed", "interval"):

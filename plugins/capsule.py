@@ -73,22 +73,25 @@ class _Predictions(torch.autograd.Function):
     """``u_hat = bmm(u, W)`` over ``rows`` (children, or types with shared weights), laid out for routing.
 
     The batched matmul makes ``(N, B, K, D)`` memory; routing reads ``(B, K, N, D)``.
-    Forward computes a block of about 64 children at a time and moves it into place
-    while it is still in cache: one pass instead of a 47 MB relayout copy (MNIST, batch
-    64). Backward takes the gradient in the matmul's own layout, the one
-    :class:`_FrozenCouplingSum` writes.
+    On a CPU, forward computes a block of about 64 children at a time and moves it into
+    place while it is still in cache: one pass instead of a 47 MB relayout copy (MNIST,
+    batch 64). On a GPU (``blocked=False``) it is one bmm and one relayout copy: the 18
+    blocks' 36 kernel launches cost more host time than the copy costs the card. Backward
+    takes the gradient in the matmul's own layout, the one :class:`_FrozenCouplingSum` writes.
     """
 
     @staticmethod
-    def forward(ctx, u, weight, bsz, k, d):
+    def forward(ctx, u, weight, bsz, k, d, blocked=True):
         rows, m, _ = u.shape
         per_row = m // bsz
+        ctx.save_for_backward(u, weight)
+        if not blocked:
+            return torch.bmm(u, weight).view(rows * per_row, bsz, k, d).permute(1, 2, 0, 3).contiguous()
         out = u.new_empty(bsz, k, rows * per_row, d)
         block = max(1, 64 // per_row)
         for r0 in range(0, rows, block):
             part = torch.bmm(u[r0:r0 + block], weight[r0:r0 + block]).view(-1, bsz, k, d)
             out[:, :, r0 * per_row:r0 * per_row + part.shape[0]].copy_(part.permute(1, 2, 0, 3))
-        ctx.save_for_backward(u, weight)
         return out
 
     @staticmethod
@@ -98,7 +101,7 @@ class _Predictions(torch.autograd.Function):
         grad = grad.permute(2, 0, 1, 3).reshape(rows, m, weight.shape[-1])  # free for the N-major gradient
         grad_u = torch.bmm(grad, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         grad_w = torch.bmm(u.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
-        return grad_u, grad_w, None, None, None
+        return grad_u, grad_w, None, None, None, None
 
 
 def dynamic_routing(
@@ -202,19 +205,10 @@ def dynamic_routing(
 class CapsNetParams(EncoderParams):
     """Params of the ``capsnet`` encoder.
 
-    Defaults follow the paper on MNIST. The CIFAR-10 recipe
-    (``recipes/capsgan_cifar.toml``) sets ``primary_types=64`` (the source
-    report's final model) and ``leaky_routing=true`` (the paper's CIFAR-10
-    setting).
-
-    Small-machine preset, as in ``recipes/quickstart.toml`` (32x32 glyph images;
-    a training step on 64 images takes about a second on 2 CPU cores)::
-
-        conv1_channels = 64, conv1_kernel = 5, primary_types = 8,
-        primary_dim = 8, primary_kernel = 5, primary_stride = 2,
-        class_dim = 16, routing_iterations = 3
-
-    which gives 8 * 12 * 12 = 1152 children for a 32x32 image.
+    Defaults follow the paper on MNIST. The CIFAR-10 recipe (``recipes/capsgan_cifar.toml``)
+    sets ``primary_types=64`` (the source report's final model) and ``leaky_routing=true``
+    (the paper's CIFAR-10 setting). ``recipes/quickstart.toml`` has a small-machine preset
+    (64 conv1 channels, 5x5 kernels, 8 primary types: 1152 children for a 32x32 image).
     """
 
     latent: Literal["all", "true_class", "predicted_class"] = Field(
@@ -337,20 +331,16 @@ class CapsNetEncoder(Encoder):
             u = u.reshape(self.num_children, bsz, p.primary_dim)
         # Batched matmuls (rows, M, P) x (rows, P, K*D), rows = children or types, written
         # as (B, K, N, D) memory and handed over as a (B, N, K, D) view.
-        u_hat = _Predictions.apply(u, self.weight.to(u.dtype), bsz, self.num_classes, p.class_dim)
+        u_hat = _Predictions.apply(u, self.weight.to(u.dtype), bsz, self.num_classes, p.class_dim,
+                                   images.device.type == "cpu")
         return u_hat.transpose(1, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return class capsules ``(B, K, D)`` (float32 under autocast) and fill diagnostics."""
         check_image_batch("capsnet", images, self.image_shape)
-        v, c = dynamic_routing(
-            self.predictions(images),
-            self.params.routing_iterations,
-            leaky=self.params.leaky_routing,
-            return_coupling=True,
-            detach_inner=self.params.routing_detach,
-            bias=self.routing_bias,
-        )
+        p = self.params
+        v, c = dynamic_routing(self.predictions(images), p.routing_iterations, leaky=p.leaky_routing,
+                               return_coupling=True, detach_inner=p.routing_detach, bias=self.routing_bias)
         self._diag_pending = (v.detach(), c.detach())  # read when asked for: no device read per forward
         return v
 
@@ -360,17 +350,25 @@ class CapsNetEncoder(Encoder):
 
         Computed when read, not in every forward: a GPU forward then never waits for the device.
         """
+        values = self.device_diagnostics()
+        if values and not isinstance(next(iter(values.values())), float):
+            values = dict(zip(values, torch.stack(list(values.values())).tolist()))  # one device read
+            self._diag_values = values
+        return values
+
+    def device_diagnostics(self) -> dict[str, torch.Tensor | float]:
+        """:attr:`diagnostics` as 0-d tensors on the model's device (the trainer sums them there)."""
         pending = self.__dict__.get("_diag_pending")
         if pending is not None:
             self._diag_values, self._diag_pending = self._diagnose(*pending), None
-        return self.__dict__.get("_diag_values", {})
+        return dict(self.__dict__.get("_diag_values", {}))
 
     @diagnostics.setter
     def diagnostics(self, value: dict[str, float]) -> None:
         self._diag_values, self._diag_pending = dict(value), None
 
     @torch.no_grad()
-    def _diagnose(self, v: torch.Tensor, c: torch.Tensor) -> dict[str, float]:
+    def _diagnose(self, v: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``capsule_len`` and ``coupling_entropy``.
 
         ``capsule_len``: mean over the batch of the longest class capsule's length.
@@ -389,8 +387,7 @@ class CapsNetEncoder(Encoder):
             ent = ent - leak * torch.log(leak.clamp_min(1e-30))
             parents += 1
         norm = math.log(parents) if parents > 1 else 1.0
-        capsule_len, coupling_entropy = torch.stack([lengths.amax(dim=1).mean(), ent.mean() / norm]).tolist()
-        return {"capsule_len": capsule_len, "coupling_entropy": coupling_entropy}
+        return {"capsule_len": lengths.amax(dim=1).mean(), "coupling_entropy": ent.mean() / norm}
 
 
 @hookimpl

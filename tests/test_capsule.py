@@ -326,6 +326,22 @@ def test_predictions_match_plain_reference(shared):
     assert enc.weight.shape == (rows, 4, 3 * 4)
 
 
+@pytest.mark.parametrize("blocked", [True, False])
+@pytest.mark.parametrize("per_row", [1, 3])
+def test_both_prediction_layouts_match_einsum(blocked, per_row):
+    # The CPU path (blocks of children) and the GPU path (one bmm), each against a plain einsum
+    # in float64: rows of weights (children, or types shared by per_row positions), batch 2.
+    torch.manual_seed(17)
+    rows, bsz, p_dim, k, d = 70, 2, 3, 4, 5  # 70 rows: more than one 64-child block
+    u = torch.randn(rows, per_row * bsz, p_dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(rows, p_dim, k * d, dtype=torch.float64, requires_grad=True)
+    out = capsule._Predictions.apply(u, w, bsz, k, d, blocked)
+    ref = torch.einsum("rmp,rpq->rmq", u, w).view(rows * per_row, bsz, k, d).permute(1, 2, 0, 3)
+    assert out.shape == (bsz, k, rows * per_row, d) and out.is_contiguous()
+    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: capsule._Predictions.apply(a, b, bsz, k, d, blocked), (u, w))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [dict(conv1_padding=2), dict(primary_padding=1, primary_stride=3), dict(conv1_kernel=1, primary_stride=1)],
@@ -439,6 +455,10 @@ def test_diagnostics():
         assert all(isinstance(x, float) and math.isfinite(x) for x in diag.values())
         assert diag["capsule_len"] == pytest.approx(float(v.detach().norm(dim=-1).max(1).values.mean()), rel=1e-5)
         assert 0 < diag["coupling_entropy"] < 1
+        enc(images)  # the device form of the same numbers: 0-d tensors, read by the trainer in bulk
+        tensors = enc.device_diagnostics()
+        assert all(isinstance(t, torch.Tensor) and t.dim() == 0 for t in tensors.values())
+        assert {k: float(t) for k, t in tensors.items()} == enc.diagnostics == diag
     # One iteration without the leak couples uniformly: normalised entropy exactly 1.
     enc = _tiny(routing_iterations=1)
     enc(images)
