@@ -55,10 +55,12 @@ runs = [
     recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-fast", glyphs28,
            speed={"precision": "bf16", "channels_last": True, "cudnn_benchmark": True, "pin_memory": True}),
     recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-items", glyphs28),
+    recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-graphs", glyphs28, speed={"cuda_graphs": True}),
+    recipe("recipes/capsgan_cifar.toml", "capsnet-cifar64-size-graphs", glyphs32, speed={"cuda_graphs": True}),
 ]
 # The last run reads its batches image by image (DataLoader + default collate), as every run did before
 # whole-batch reading (capsgan_toolkit.data.batch_loader): the same epoch as capsnet-mnist-size, for the ratio.
-ITEMS = ("import sys, capsgan_toolkit.data as d; d.batch_fetcher = lambda dataset: None; "
+ITEMS = ("import sys, capsgan_toolkit.data as d; d.batch_fetcher = lambda dataset, device=None: None; "
          "from capsgan_toolkit.cli import main; sys.argv[0] = 'capsgan'; main()")
 print(f"{'run':24s} {'batch':>5s} {'s/epoch':>8s} {'img/s':>9s} {'test acc':>8s}  wall")
 for p in runs:
@@ -86,3 +88,4 @@ bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set 'speed.precisio
 bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.channels_last=true --baseline-set speed.channels_last=false
 bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.cudnn_benchmark=true --baseline-set speed.cudnn_benchmark=false
 bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.compile=true --baseline-set speed.compile=false
+bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.cuda_graphs=true --baseline-set speed.cuda_graphs=false

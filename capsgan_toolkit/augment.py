@@ -206,8 +206,8 @@ class _CentreCropSplit(torch.utils.data.Dataset):
         top, left = centre_offsets(image.shape[-2], image.shape[-1], self.crop)
         return image[..., top:top + self.crop, left:left + self.crop], label
 
-    def _batch_fetcher(self):
-        inner = batch_fetcher(self.inner)
+    def _batch_fetcher(self, device=None):
+        inner = batch_fetcher(self.inner, device)
         if inner is None:
             return None
 

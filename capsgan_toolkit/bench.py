@@ -146,6 +146,12 @@ class _Synthetic:
         self.info = info
 
 
+def _changed_speed_options(spec) -> dict:
+    """The recipe's ``[speed]`` options that differ from their defaults."""
+    defaults = type(spec)().model_dump()
+    return {k: v for k, v in spec.model_dump().items() if v != defaults[k]}
+
+
 def build_for_bench(recipe: str, sets=(), *, image_shape=None, classes=None, notes: list[str] | None = None):
     """Load and build ``recipe``; if its data set cannot be built, use ``image_shape`` and ``classes``."""
     plugins, resolved = api.load_recipe(recipe, sets)
@@ -201,8 +207,8 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
 
     phases = Phases(generator=True, discriminator=True)
 
-    def step():
-        with speed.step():
+    def step(eager: bool = False):  # eager: outside a [speed] step, so CUDA graphs (which hide their ops) stay off
+        with speed.autocast() if eager else speed.step():
             objective.step(images, labels, phases, update)
 
     inputs, hooks = {}, []  # what the generator and discriminator get in a real step
@@ -221,7 +227,7 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
     inputs["encoder"] = (images,)
 
     out = {"recipe": recipe, "name": resolved.recipe.run.name, "device": str(device), "batch": batch,
-           "speed": {k: v for k, v in resolved.recipe.speed.model_dump().items() if v not in (False, "float32")},
+           "speed": _changed_speed_options(resolved.recipe.speed),
            "steps": steps, "warmup": warmup, "image_shape": list(info.image_shape), "classes": info.num_classes,
            "parts": {}}
     objective.eval()
@@ -240,7 +246,7 @@ def bench_recipe(recipe: str, *, batch: int | None = None, steps: int = 10, warm
             out["parts"][name] = {"images_per_s": n / statistics.median(times), "best_s": min(times),
                                   "median_s": statistics.median(times), "flops_per_image": count_flops(forward) / n}
     objective.train()
-    step_flops = count_flops(step)
+    step_flops = count_flops(lambda: step(eager=bool(speed.graphed)))  # the flop counter sees eager ops only
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = time_each(step, device, steps, warmup)

@@ -23,6 +23,7 @@ Depends on torch only.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -31,6 +32,9 @@ from torch.utils.data import DataLoader, Subset
 __all__ = ["ImageTensorDataset", "batch_loader", "class_balanced_indices"]
 
 Fetch = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+#: The most bytes of images and labels :func:`batch_loader` keeps on a GPU for reading batches there.
+DEVICE_DATA_LIMIT = 2 * 1024**3
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
@@ -65,36 +69,65 @@ class ImageTensorDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index].float().div_(127.5).sub_(1.0), int(self.labels[index])
 
-    def _batch_fetcher(self) -> Fetch | None:
+    def _batch_fetcher(self, device: torch.device | None = None) -> Fetch | None:
         """Items ``indices`` (an int64 tensor) at once, as the default collate stacks them: the same
         values bit for bit (the same float32 operations, element by element). ``None`` for a subclass
-        that serves its items differently."""
+        that serves its items differently.
+
+        With a ``device``, the uint8 images and the labels are copied there once (kept for later
+        loaders) and each batch is gathered and converted there: on a GPU, no host work and no
+        host-to-device copy per step. The conversion looks each byte up in a table of the 256
+        values the CPU computes (a GPU divides by a constant as a multiplication by its inverse,
+        which can differ in the last bit). ``None`` when they would take more than
+        :data:`DEVICE_DATA_LIMIT` bytes there."""
         if type(self).__getitem__ is not ImageTensorDataset.__getitem__:
             return None
-        return lambda idx: (self.images[idx].float().div_(127.5).sub_(1.0), self.labels[idx])
+        images, labels = self.images, self.labels
+        if device is None or torch.device(device).type == "cpu":
+            return lambda idx: (images[idx].float().div_(127.5).sub_(1.0), labels[idx])
+        if images.numel() + 8 * labels.numel() > DEVICE_DATA_LIMIT:
+            return None
+        key = str(torch.device(device))
+        cache = self.__dict__.setdefault("_on_device", {})
+        if key not in cache:
+            table = torch.arange(256, dtype=torch.uint8).float().div_(127.5).sub_(1.0)
+            cache[key] = (images.to(device), labels.to(device), table.to(device))
+        images, labels, table = cache[key]
+        return lambda idx: (table[images[idx].int()], labels[idx])
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_on_device"}  # a worker reads the host copy
 
 
-def batch_fetcher(dataset) -> Fetch | None:
+def batch_fetcher(dataset, device: torch.device | None = None) -> Fetch | None:
     """Return a function that reads a batch of ``dataset`` at once, or ``None`` where only items can be read.
 
     Whole batches come from an :class:`ImageTensorDataset`, a ``Subset`` of one (nested too), and
     any data set with a ``_batch_fetcher()`` method that returns such a function (or ``None``).
+    With a ``device`` (not the CPU) the function takes indices on that device and returns the batch
+    there, or ``None`` comes back where the data cannot be kept there (then read batches on the host).
     """
+    on_device = device is not None and torch.device(device).type != "cpu"
     if isinstance(dataset, Subset):
-        inner = batch_fetcher(dataset.dataset)
+        inner = batch_fetcher(dataset.dataset, device)
         if inner is None:
             return None
         mapping = torch.as_tensor(dataset.indices, dtype=torch.long)
+        mapping = mapping.to(device) if on_device else mapping
         return lambda idx: inner(mapping[idx])
     make = getattr(type(dataset), "_batch_fetcher", None)
-    return make(dataset) if make is not None else None
+    if make is None:
+        return None
+    if not on_device:
+        return make(dataset)
+    return make(dataset, device) if "device" in inspect.signature(make).parameters else None
 
 
 class _Batches(torch.utils.data.Dataset):
     """A data set whose item ``i`` is the whole batch ``batches[i]`` of ``dataset`` (read with ``fetch``)."""
 
-    def __init__(self, dataset, batches: Sequence[Sequence[int]], fetch: Fetch):
-        self.dataset, self.batches, self._fetch = dataset, batches, fetch
+    def __init__(self, dataset, batches: Sequence[Sequence[int]], fetch: Fetch, device: torch.device | None = None):
+        self.dataset, self.batches, self._fetch, self.device = dataset, batches, fetch, device
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -102,7 +135,7 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._fetch is None:  # a worker process builds its own
             self._fetch = batch_fetcher(self.dataset)
-        return self._fetch(torch.as_tensor(self.batches[i], dtype=torch.long))
+        return self._fetch(torch.as_tensor(self.batches[i], dtype=torch.long, device=self.device))
 
     def __getstate__(self):
         return {**self.__dict__, "_fetch": None}  # closures do not pickle; a worker builds its own
@@ -110,18 +143,24 @@ class _Batches(torch.utils.data.Dataset):
 
 def batch_loader(dataset, batches: Sequence[Sequence[int]] | None = None, *, batch_size: int | None = None,
                  num_workers: int = 0, generator: torch.Generator | None = None,
-                 pin_memory: bool = False) -> DataLoader:
+                 pin_memory: bool = False, device: torch.device | None = None) -> DataLoader:
     """A ``DataLoader`` over ``batches`` (lists of indices; or, with ``batch_size``, the split in order).
 
     It yields ``(images, labels)`` exactly as ``DataLoader(dataset, batch_sampler=batches)`` would,
     but reads a whole batch at once where :func:`batch_fetcher` can: an epoch of 60,000 MNIST-size
     images no longer spends its time in 60,000 ``__getitem__`` calls and a collate per batch.
+    With a GPU ``device`` and no worker processes, a data set that :func:`batch_fetcher` can keep
+    there yields its batches already on it (the same values); any other is read on the host.
     """
     if batches is None:
         if batch_size is None:
             raise ValueError("batch_loader needs batches or batch_size")
         batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
     extra = {"generator": generator} if generator is not None else {}
+    if device is not None and torch.device(device).type != "cpu" and num_workers == 0:
+        fetch = batch_fetcher(dataset, device)
+        if fetch is not None:
+            return DataLoader(_Batches(dataset, batches, fetch, device), batch_size=None, **extra)
     fetch = batch_fetcher(dataset)
     if fetch is not None:
         return DataLoader(_Batches(dataset, batches, fetch), batch_size=None, num_workers=num_workers,

@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = (
     "run.epochs", "run.device", "run.threads", "run.eval_batches", "run.log_every", "run.name",
     "run.max_steps", "run.max_minutes", "checkpoint.", "output.", "eval.",
     "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.pin_memory",
+    "speed.data_on_device", "speed.cuda_graphs",
 )
 """Recipe keys that may differ between a run and its resume; any other change is refused."""
 

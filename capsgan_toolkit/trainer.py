@@ -29,7 +29,7 @@ from capsgan_toolkit.rundir import RunDir
 from capsgan_toolkit.stepping import TERMS, Optimizers
 from capsgan_toolkit.speed import Speed
 from capsgan_toolkit.trainer_checkpoints import Checkpointing
-from capsgan_toolkit.training_state import DataPlan, Position, StopSignals, epoch_permutation
+from capsgan_toolkit.training_state import DataPlan, Position, StopSignals, encoder_diagnostics, epoch_permutation
 
 
 class _RolledBack(Exception):
@@ -96,7 +96,7 @@ class Trainer(Checkpointing):
         if self.ema is not None:
             self.ema.end_step()  # one EMA update per step that changed an averaged model
         self.opt.end_step()
-        pos.record(result, phases, getattr(self.built.parts.encoder, "diagnostics", None))
+        pos.record(result, phases, encoder_diagnostics(self.built.parts.encoder))
         monitor = self.recipe.run.divergence.monitor or "classification"  # "": the objective's main loss
         watched = result.values.get(monitor)
         event = self.guard.update(pos.step + 1, watched, pos.encoder_acc.value)
@@ -162,7 +162,7 @@ class Trainer(Checkpointing):
         # An own generator: a DataLoader draws its base seed from the global RNG otherwise (resume-unsafe).
         loader = batch_loader(self.train_set, batches, num_workers=self.resolved.params["data"].num_workers,
                               generator=torch.Generator().manual_seed(run.seed * 1_000_003 + pos.epoch),
-                              pin_memory=self.speed.pin_memory)
+                              pin_memory=self.speed.pin_memory, device=self.speed.data_device)
         tick = time.perf_counter()
         for images, labels in loader:
             self.train_step(self.speed.batch(images.to(self.device, non_blocking=True)),

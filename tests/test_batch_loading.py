@@ -93,3 +93,85 @@ def test_worker_processes_read_the_same_batches():
 def test_batch_loader_needs_batches_or_a_batch_size():
     with pytest.raises(ValueError, match="batches or batch_size"):
         batch_loader(_dataset())
+
+
+# ------------------------------------------------------------------ batches read on the device
+# "meta" stands in for a GPU here (a device that is not the CPU; it holds shapes, not values); the
+# values read on a real GPU are compared with the host's bit for bit by test_cuda_batches_equal_host_batches.
+
+WRAPS = ["plain", "subset", "nested subset", "centre crop", "crop of subset"]
+
+
+def _wrapped(base, wrap):
+    return {
+        "plain": base,
+        "subset": Subset(base, list(range(49, 9, -1))),
+        "nested subset": Subset(Subset(base, list(range(5, 50))), [3, 0, 7, 30, 2, 11, 44, 1]),
+        "centre crop": _CentreCropSplit(base, 5),
+        "crop of subset": _CentreCropSplit(Subset(base, list(range(0, 50, 2))), 6),
+    }[wrap]
+
+
+@pytest.mark.parametrize("wrap", WRAPS)
+def test_device_batches_are_read_on_the_device_with_the_host_shapes(wrap):
+    base = _dataset()
+    dataset = _wrapped(base, wrap)
+    batches = _batches(len(dataset), 7)
+    host = list(batch_loader(dataset, batches))
+    got = list(batch_loader(dataset, batches, device="meta"))
+    assert len(got) == len(host)
+    for (gi, gl), (hi, hl) in zip(got, host):
+        assert gi.device.type == gl.device.type == "meta"
+        assert gi.shape == hi.shape and gi.dtype == hi.dtype and gl.shape == hl.shape and gl.dtype == hl.dtype
+    copies = base.__dict__["_on_device"]
+    assert list(copies) == ["meta"] and copies["meta"][0].shape == base.images.shape
+    assert copies["meta"][2].shape == (256,)  # the conversion table
+    first = copies["meta"][0]
+    list(batch_loader(dataset, batches, device="meta"))  # a second loader reuses the copy
+    assert base.__dict__["_on_device"]["meta"][0] is first
+
+
+def test_device_batches_fall_back_to_the_host_when_they_cannot_live_there(monkeypatch):
+    import pickle
+
+    from capsgan_toolkit import data
+
+    base = _dataset()
+    batches = _batches(len(base), 8)
+    want = _item_by_item(base, batches)
+    # with worker processes (they read on the host)
+    got = list(batch_loader(base, batches, device="meta", num_workers=1))
+    _assert_same(got, want)
+    # a data set larger than the limit
+    monkeypatch.setattr(data, "DEVICE_DATA_LIMIT", base.images.numel() - 1)
+    _assert_same(list(batch_loader(base, batches, device="meta")), want)
+    assert "_on_device" not in base.__dict__
+    monkeypatch.undo()
+    # a data set whose own batch reader takes no device
+    class OwnReader(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            return self.inner[i]
+
+        def _batch_fetcher(self):
+            return batch_fetcher(self.inner)
+
+    assert batch_fetcher(OwnReader(base), "meta") is None
+    _assert_same(list(batch_loader(OwnReader(base), batches, device="meta")), want)
+    # the device copy never travels with the data set (to a worker process, say)
+    list(batch_loader(base, batches, device="meta"))
+    assert "_on_device" in base.__dict__ and "_on_device" not in pickle.loads(pickle.dumps(base)).__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on one by benchmarks/gpu.sh)")
+@pytest.mark.parametrize("wrap", WRAPS)
+def test_cuda_batches_equal_host_batches(wrap):
+    dataset = _wrapped(_dataset(), wrap)
+    batches = _batches(len(dataset), 7)
+    got = [(i.cpu(), lab.cpu()) for i, lab in batch_loader(dataset, batches, device="cuda")]
+    _assert_same(got, _item_by_item(dataset, batches))
