@@ -25,10 +25,45 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.utils import save_image
 
 from capsgan_toolkit.bench import build_for_bench
+from capsgan_toolkit.metrics import ssim
 from capsgan_toolkit.optim import lr_multiplier
+
+
+class _Project(nn.Module):
+    """Latent -> (channels, side, side) maps: a linear layer, BatchNorm and ReLU (the DCGAN generator's first layer)."""
+
+    def __init__(self, latent: int, channels: int, side: int):
+        super().__init__()
+        self.linear = nn.Linear(latent, channels * side * side, bias=False)
+        self.norm, self.shape = nn.BatchNorm2d(channels), (channels, side, side)
+
+    def forward(self, z):
+        return F.relu(self.norm(self.linear(z.flatten(1)).view(-1, *self.shape)))
+
+
+def _up(cin, cout, transposed):
+    if transposed:
+        return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+    return [nn.Upsample(scale_factor=2), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+
+
+# Other decoders of a 32 x 32 image from the latent, for --decoder (base width 32, as the quickstart's generator).
+DECODERS = {
+    "recipe": None,
+    # Sabour et al.'s decoder: fully connected layers, sigmoid there, tanh here.
+    "mlp": lambda z, c, s: nn.Sequential(nn.Flatten(), nn.Linear(z, 512), nn.ReLU(True), nn.Linear(512, 1024),
+                                         nn.ReLU(True), nn.Linear(1024, c * s * s), nn.Tanh(), nn.Unflatten(1, (c, s, s))),
+    # the DCGAN generator's layers, projected to 8 x 8 instead of 4 x 4 (one upsampling fewer)
+    "project8": lambda z, c, s: nn.Sequential(_Project(z, 64, s // 4), *_up(64, 32, True),
+                                              nn.ConvTranspose2d(32, c, 4, 2, 1), nn.Tanh()),
+    # nearest-neighbour upsampling + 3 x 3 convolutions instead of transposed convolutions
+    "upsample": lambda z, c, s: nn.Sequential(_Project(z, 128, s // 8), *_up(128, 64, False), *_up(64, 32, False),
+                                              *_up(32, 16, False), nn.Conv2d(16, c, 3, 1, 1), nn.Tanh()),
+}
 
 
 def main() -> None:
@@ -38,12 +73,17 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--margin", action="store_true", help="add the recipe's classification loss")
     parser.add_argument("--out", default="decoder_steps.png", help="picture: test images above reconstructions")
+    parser.add_argument("--decoder", choices=sorted(DECODERS), default="recipe",
+                        help="the recipe's generator, or another decoder of the same latent (seeded with 0)")
     args = parser.parse_args()
     built, resolved = build_for_bench(args.recipe, args.sets)
     parts, spec = built.parts, resolved.optim["encoder_generator"]
     enc, gen = parts.encoder, parts.generator
     train, test = built.dataset.split("train"), built.dataset.split("test")
     images, labels = train.images.float() / 127.5 - 1, train.labels
+    if args.decoder != "recipe":
+        torch.manual_seed(0)
+        gen = DECODERS[args.decoder](enc.num_classes * enc.capsule_dim, images.shape[1], images.shape[-1])
     test_images, test_labels = test.images[:500].float() / 127.5 - 1, test.labels[:500]
     params = list(enc.parameters()) + list(gen.parameters())
     opt = torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.betas))
@@ -68,9 +108,9 @@ def main() -> None:
         capsules = enc(test_images)
         rec = gen(enc.to_latent(capsules, test_labels))
     what = "MSE + classification" if args.margin else "MSE only"
-    print(f"{args.recipe} {' '.join(args.sets)} ({what}, {args.steps} steps of {batch}): test MSE "
-          f"{F.mse_loss(rec, test_images).item() / 4:.4f} on {len(test_images)} images; "
-          f"{time.perf_counter() - start:.0f} s")
+    print(f"{args.recipe} {' '.join(args.sets)} (decoder {args.decoder}, {what}, {args.steps} steps of {batch}): "
+          f"test MSE {F.mse_loss(rec, test_images).item() / 4:.4f}, SSIM {ssim(rec, test_images).mean().item():.3f} "
+          f"on {len(test_images)} images; {time.perf_counter() - start:.0f} s")
     save_image(torch.cat([test_images[:8], rec[:8]]) * 0.5 + 0.5, args.out, nrow=8)
     print(f"picture: {args.out}")
 

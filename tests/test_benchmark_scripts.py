@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,14 +25,16 @@ def test_bench_loading_reads_the_same_tensors_both_ways(tmp_path):
     assert re.search(r"item by item\s+\d+\.\d+ s/epoch", out) and re.search(r"whole batches\s+\d+\.\d+ s/epoch", out)
 
 
-def test_decoder_steps_trains_and_draws_its_picture(tmp_path):
+@pytest.mark.parametrize("decoder", ["recipe", "mlp", "project8", "upsample"])
+def test_decoder_steps_trains_and_draws_its_picture(tmp_path, decoder):
     picture = tmp_path / "ae.png"
     out = _run(str(ROOT / "benchmarks" / "decoder_steps.py"), str(ROOT / "recipes" / "quickstart.toml"),
                "--steps", "3", "--set", "data.num_train=200", "--set", "data.num_test=40", "--margin",
-               "--out", str(picture), cwd=tmp_path)
-    mse = float(re.search(r"test MSE (\d+\.\d+) on 40 images", out).group(1))
-    assert 0.0 < mse < 1.0  # [0, 1] pixel units
-    assert "MSE + classification, 3 steps of 32" in out
+               "--decoder", decoder, "--out", str(picture), cwd=tmp_path)
+    found = re.search(r"test MSE (\d+\.\d+), SSIM (-?\d+\.\d+) on 40 images", out)
+    mse, ssim = float(found.group(1)), float(found.group(2))
+    assert 0.0 < mse < 1.0 and -1.0 <= ssim <= 1.0  # [0, 1] pixel units
+    assert f"decoder {decoder}, MSE + classification, 3 steps of 32" in out
     assert picture.stat().st_size > 0 and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
