@@ -39,7 +39,7 @@ class SpeedSection(BaseModel):
         False, description="On CUDA, replay each model's training forward and backward as CUDA graphs (fewer "
                            "kernel launches from Python; not with compile).")
     data_on_device: bool = Field(
-        True, description="On a GPU, keep an in-memory training set (built-in data sets, MNIST, CIFAR-10; up to "
+        True, description="On CUDA, keep an in-memory training set (built-in data sets, MNIST, CIFAR-10; up to "
                           "2 GiB) on the device and gather each batch there (with data.num_workers = 0).")
 
 
@@ -49,7 +49,7 @@ class Speed:
     def __init__(self, spec: SpeedSection, device: torch.device, built):
         self.spec, self.device = spec, device
         self.pin_memory = spec.pin_memory and device.type == "cuda"
-        self.data_device = device if spec.data_on_device and device.type != "cpu" else None
+        self.data_device = device if spec.data_on_device and device.type == "cuda" else None
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = spec.cudnn_benchmark
         for module in built.modules().values():
