@@ -34,16 +34,22 @@ def _assert_same(got, want):
         assert torch.equal(gi, wi) and torch.equal(gl, wl)
 
 
-@pytest.mark.parametrize("wrap", ["plain", "subset", "nested subset", "centre crop", "crop of subset"])
-def test_whole_batches_equal_item_by_item_reading_bit_for_bit(wrap):
-    base = _dataset()
-    dataset = {
+WRAPS = ["plain", "subset", "nested subset", "centre crop", "crop of subset"]
+
+
+def _wrapped(base, wrap):
+    return {
         "plain": base,
         "subset": Subset(base, list(range(49, 9, -1))),
         "nested subset": Subset(Subset(base, list(range(5, 50))), [3, 0, 7, 30, 2, 11, 44, 1]),
         "centre crop": _CentreCropSplit(base, 5),
         "crop of subset": _CentreCropSplit(Subset(base, list(range(0, 50, 2))), 6),
     }[wrap]
+
+
+@pytest.mark.parametrize("wrap", WRAPS)
+def test_whole_batches_equal_item_by_item_reading_bit_for_bit(wrap):
+    dataset = _wrapped(_dataset(), wrap)
     assert batch_fetcher(dataset) is not None  # the fast path is taken
     batches = _batches(len(dataset), 7)
     _assert_same(list(batch_loader(dataset, batches)), _item_by_item(dataset, batches))
@@ -98,18 +104,6 @@ def test_batch_loader_needs_batches_or_a_batch_size():
 # ------------------------------------------------------------------ batches read on the device
 # "meta" stands in for a GPU here (a device that is not the CPU; it holds shapes, not values); the
 # values read on a real GPU are compared with the host's bit for bit by test_cuda_batches_equal_host_batches.
-
-WRAPS = ["plain", "subset", "nested subset", "centre crop", "crop of subset"]
-
-
-def _wrapped(base, wrap):
-    return {
-        "plain": base,
-        "subset": Subset(base, list(range(49, 9, -1))),
-        "nested subset": Subset(Subset(base, list(range(5, 50))), [3, 0, 7, 30, 2, 11, 44, 1]),
-        "centre crop": _CentreCropSplit(base, 5),
-        "crop of subset": _CentreCropSplit(Subset(base, list(range(0, 50, 2))), 6),
-    }[wrap]
 
 
 @pytest.mark.parametrize("wrap", WRAPS)
