@@ -50,6 +50,9 @@ class Speed:
         self.spec, self.device = spec, device
         self.pin_memory = spec.pin_memory and device.type == "cuda"
         self.data_device = device if spec.data_on_device and device.type == "cuda" else None
+        if spec.cuda_graphs and spec.compile and graphs_available(device):
+            raise CapsganError("speed.cuda_graphs and speed.compile cannot both be true: torch.compile "
+                               "captures its own graphs. Set one of them to false in the recipe's [speed] table.")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = spec.cudnn_benchmark
         for module in built.modules().values():
@@ -59,9 +62,6 @@ class Speed:
                 module.compile()
         self.graphed = []
         if spec.cuda_graphs and graphs_available(device):
-            if spec.compile:
-                raise CapsganError("speed.cuda_graphs and speed.compile cannot both be true: torch.compile "
-                                   "captures its own graphs. Set one of them to false in the recipe's [speed] table.")
             from capsgan_toolkit.cuda_graphs import graph_models
 
             self.graphed = graph_models(built.modules())
