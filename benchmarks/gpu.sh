@@ -6,10 +6,10 @@
 # model with 64 primary types (recipes/capsgan_cifar.toml's model) on 50,000 built-in 32 x 32 RGB
 # glyphs (the built-in data needs no download, so the epoch sizes match MNIST's and CIFAR-10's);
 # and the plain DCGAN baseline on the same CIFAR-size data; the MNIST-size epoch again reading images
-# one at a time as before whole-batch reading (for the ratio). It prints the card's name and, per run,
-# the training seconds per epoch and images/s from each run's summary.json; then the MNIST-size
-# epoch again with the [speed] options on; then `capsgan bench` on the card: the MNIST capsule
-# recipe against its CNN twin, and each [speed] option against the same recipe without it.
+# one at a time as before whole-batch reading (for the ratio); the MNIST-size and CIFAR-size capsule
+# epochs with speed.cuda_graphs = true. It prints the card's name and, per run, the training seconds
+# per epoch and images/s from each run's summary.json; then `capsgan bench` on the card: the MNIST
+# capsule recipe against its CNN twin, and each [speed] option against the same recipe without it.
 #
 # Usage: bash benchmarks/gpu.sh [OUT_DIR]    (extra wheels, if the machine lacks a dependency, in .whl/)
 # A dry run of the script itself on a CPU: CAPSGAN_GPU_DEVICE=cpu CAPSGAN_GPU_QUICK=1 bash benchmarks/gpu.sh
