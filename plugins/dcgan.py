@@ -10,7 +10,7 @@ Registered names: generator ``dcgan`` and discriminator ``dcgan``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -34,6 +34,14 @@ def _upsampling_plan(side: int) -> tuple[int, int]:
     return side, n
 
 
+def _doubling(cin: int, cout: int, how: str, *, bias: bool) -> list[nn.Module]:
+    """Layers that double the side of ``cin``-channel maps into ``cout`` channels."""
+    if how == "nearest":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1, bias=bias)]
+    # kernel 4, stride 2, padding 1 doubles the side exactly: (s - 1) * 2 - 2 + 4 = 2s.
+    return [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=bias)]
+
+
 # -------------------------------------------------------------------------- generator
 
 
@@ -48,6 +56,12 @@ class DCGANGenerator(Generator):
             "(64 px: 512-256-128-64).",
         )
         batch_norm: bool = Field(True, description="BatchNorm after the projection and every hidden transposed conv.")
+        upsampling: Literal["transposed", "nearest"] = Field(
+            "transposed",
+            description='How each layer doubles the side: "transposed", DCGAN\'s 4x4 stride-2 transposed '
+                        'convolution, or "nearest", nearest-neighbour upsampling then a 3x3 convolution '
+                        "(Odena et al. 2016; no checkerboard; measured in docs/capsules.md).",
+        )
 
     def __init__(self, params: Params, *, num_classes: int, capsule_dim: int, image_shape: Sequence[int]):
         super().__init__(params, num_classes=num_classes, capsule_dim=capsule_dim, image_shape=image_shape)
@@ -63,12 +77,11 @@ class DCGANGenerator(Generator):
         layers: list[nn.Module] = []
         width = start
         for _ in range(max(n - 1, 0)):
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1, bias=not bn)]
+            layers += _doubling(width, width // 2, params.upsampling, bias=not bn)
             layers += [nn.BatchNorm2d(width // 2) if bn else nn.Identity(), nn.ReLU(inplace=True)]
             width //= 2
         if n >= 1:
-            # kernel 4, stride 2, padding 1 doubles the side exactly: (s - 1) * 2 - 2 + 4 = 2s.
-            layers.append(nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1))
+            layers += _doubling(width, channels, params.upsampling, bias=True)
         else:
             layers.append(nn.Conv2d(width, channels, 3, padding=1))
         layers.append(nn.Tanh())

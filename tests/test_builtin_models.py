@@ -309,10 +309,27 @@ def test_encoder_shapes_lengths_and_gradients(cls, params):
             assert (encoder.class_scores(encoder(torch.rand(3, *shape) * 2 - 1)) < 1).all()
 
 
+@pytest.mark.parametrize("upsampling", ["transposed", "nearest"])
 @pytest.mark.parametrize("batch_norm", [True, False])
-def test_dcgan_generator_shapes_range_and_gradients(batch_norm):
-    kit.check_generator(DCGANGenerator, {"base_channels": 4, "batch_norm": batch_norm}, image_shapes=SHAPES,
-                        num_classes=K, capsule_dim=D)
+def test_dcgan_generator_shapes_range_and_gradients(batch_norm, upsampling):
+    kit.check_generator(DCGANGenerator, {"base_channels": 4, "batch_norm": batch_norm, "upsampling": upsampling},
+                        image_shapes=SHAPES, num_classes=K, capsule_dim=D)
+
+
+def test_dcgan_generator_nearest_upsampling_is_upsample_then_conv():
+    # Each doubling: nearest-neighbour upsampling, then a 3x3 convolution (checked against F.interpolate + conv2d).
+    gen = DCGANGenerator(DCGANGenerator.Params(base_channels=4, upsampling="nearest"), num_classes=K,
+                         capsule_dim=D, image_shape=(3, 32, 32)).double().eval()
+    layers = list(gen.decode)
+    assert [type(m).__name__ for m in layers[:2]] == ["Upsample", "Conv2d"] and layers[1].kernel_size == (3, 3)
+    x = torch.randn(2, gen.start_channels, 4, 4, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"),
+                                      layers[1].weight, layers[1].bias, padding=1)
+    assert torch.allclose(layers[1](layers[0](x)), want, atol=1e-12) and want.shape[-1] == 8
+    transposed = DCGANGenerator(DCGANGenerator.Params(base_channels=4), num_classes=K, capsule_dim=D,
+                                image_shape=(3, 32, 32))
+    assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in transposed.decode) == 3
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in gen.decode)
 
 
 @pytest.mark.parametrize(
