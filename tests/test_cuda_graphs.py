@@ -11,6 +11,8 @@ eager mode on a GPU by test_real_cuda_graphs_train_as_eager.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import tiny_recipe, write_toml
@@ -72,7 +74,7 @@ def _train(tmp_path, name, **speed_options):
     data["gate"] = {"plugin": "accuracy_band", "warmup_epochs": 0}
     data["speed"] = speed_options
     summary = api.train(write_toml(tmp_path / f"{name}.toml", data), out=tmp_path / name)
-    rows = [r for r in map(__import__("json").loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+    rows = [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
             if r.get("kind") == "train"]
     return summary, load_checkpoint(tmp_path / name / "checkpoints" / "final.pt")["models"], rows
 
