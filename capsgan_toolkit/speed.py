@@ -68,9 +68,10 @@ class Speed:
 
     @contextlib.contextmanager
     def step(self):
-        """The context a training step runs in: :meth:`autocast`, and with ``compile`` a clear error
-        when ``torch.compile`` fails (on CUDA with torch 2.11 it does, in the capsnet's convolution
-        backward) instead of the compiler's traceback."""
+        """The context a training step runs in: :meth:`autocast`; with ``cuda_graphs`` the models'
+        graphed calls count from the step's start (and run eagerly outside it); with ``compile`` a
+        clear error when ``torch.compile`` fails (on CUDA with torch 2.11 it does, in the capsnet's
+        convolution backward) instead of the compiler's traceback."""
         for graphed in self.graphed:
             graphed.new_step()
         try:
