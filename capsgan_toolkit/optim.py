@@ -140,12 +140,33 @@ def build_optimizer(
         raise ValueError(f"total_steps must be >= 0, got {total_steps}")
     if spec.schedule == "cosine" and total_steps < 1:
         raise ValueError('schedule = "cosine" needs total_steps >= 1 (the steps it decays over)')
-    optimizer = torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+    params = list(params)
+    optimizer = torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
+                                 fused=True if _fused_on_cpu(params) else None)
 
     def multiplier(step: int) -> float:  # a plain function: LambdaLR's state_dict stores nothing of it
         return lr_multiplier(spec, step, total_steps)
 
     return optimizer, LambdaLR(optimizer, multiplier)
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fused_on_cpu(params: list[Any]) -> bool:
+    """Whether every parameter (or every parameter of every group) is a floating CPU tensor.
+
+    There Adam runs torch's fused kernel: one pass over each parameter and its state instead
+    of the default implementation's pass per arithmetic operation (about seven). It computes
+    the same update, rounded in a different order (within a few units in the last place per
+    step). On a GPU torch's default (one launch per operation for all parameters) is kept: the
+    fused kernel measured no faster there (docs/performance.md). A checkpoint's optimizer state
+    carries its setting, so a run resumed from an older checkpoint keeps the implementation it
+    started with and stays exact.
+    """
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, Mapping) else [item])]
+    return bool(tensors) and all(torch.is_tensor(p) and p.device.type == "cpu" and p.dtype in _FUSED_DTYPES
+                                 for p in tensors)
 
 
 def _items(obj: Any) -> list[Any]:

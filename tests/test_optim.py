@@ -131,6 +131,70 @@ def test_build_optimizer_passes_adam_settings():
     assert (group["lr"], group["betas"], group["weight_decay"]) == (2e-3, (0.9, 0.99), 1e-4)
 
 
+def _adam_float64(params0, grads, lr, betas, eps=1e-8, weight_decay=0.0):
+    """Adam (Kingma and Ba, Algorithm 1, with torch's L2 weight decay) in plain float64."""
+    b1, b2 = betas
+    out = []
+    for p, gs in zip(params0, grads):
+        p, m, v = p.double().clone(), torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64)
+        for t, g in enumerate(gs, start=1):
+            g = g.double() + weight_decay * p
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            p = p - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_adam_is_torchs_fused_kernel_and_computes_adam(dtype):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3, dtype=dtype)),
+              torch.nn.Parameter(torch.randn(2, 3, 4, 4, dtype=dtype).contiguous(memory_format=torch.channels_last))]
+    start = [p.detach().clone() for p in params]
+    spec = OptimizerSpec(lr=1e-2, betas=(0.5, 0.999), weight_decay=1e-3)
+    opt, _ = build_optimizer(spec, params, total_steps=10)
+    assert opt.param_groups[0]["fused"] is True
+    grads = [[torch.randn_like(p) for _ in range(6)] for p in params]
+    for step in range(6):
+        for p, g in zip(params, grads):
+            p.grad = g[step].clone()
+        opt.step()
+    expected = _adam_float64(start, grads, 1e-2, (0.5, 0.999), weight_decay=1e-3)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=tol)
+    assert params[1].is_contiguous(memory_format=torch.channels_last)  # the layout survives the update
+
+
+def test_fused_adam_only_where_every_parameter_is_a_floating_cpu_tensor():
+    cpu = torch.nn.Parameter(torch.randn(3))
+    assert build_optimizer(OptimizerSpec(), [{"params": [cpu]}], total_steps=1)[0].param_groups[0]["fused"] is True
+    meta = torch.nn.Parameter(torch.randn(3, device="meta"))
+    assert not build_optimizer(OptimizerSpec(), [cpu, meta], total_steps=1)[0].param_groups[0]["fused"]
+
+
+def test_a_checkpoint_of_the_unfused_adam_resumes_unfused_and_exact():
+    """Older runs saved the default implementation's state: resuming keeps it, so the run stays exact."""
+    model = _tiny_model()
+    old = torch.optim.Adam(model.parameters(), lr=1e-2)  # what build_optimizer made before it fused
+    _train_lrs(old, torch.optim.lr_scheduler.LambdaLR(old, lambda s: 1.0), model, 3)
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": old.state_dict()}, saved)
+    straight = _tiny_model()
+    straight.load_state_dict(model.state_dict())
+    _train_lrs(old, torch.optim.lr_scheduler.LambdaLR(old, lambda s: 1.0), model, 4, seed=2)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    opt, sched = build_optimizer(OptimizerSpec(lr=1e-2, betas=(0.9, 0.999)), straight.parameters(), total_steps=10)
+    straight.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    assert not opt.param_groups[0]["fused"]
+    _train_lrs(opt, sched, straight, 4, seed=2)
+    for a, b in zip(model.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_cosine_needs_total_steps():
     with pytest.raises(ValueError, match="total_steps"):
         build_optimizer(OptimizerSpec(schedule="cosine"), _tiny_model().parameters(), total_steps=0)
