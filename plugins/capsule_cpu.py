@@ -1,7 +1,7 @@
 """CPU speed for the ``capsnet`` encoder: its convolutions as GEMMs, and the allocator setting it needs.
 
-:func:`conv_nhwc` runs a convolution on channels-last maps; on CPU it is :class:`_GemmConv`,
-an im2col convolution with a hand-written backward, the path that makes the paper's
+:func:`conv_nhwc` runs a convolution on channels-last maps; on CPU, for large kernels, it is
+:class:`_GemmConv`, an im2col convolution with a hand-written backward, the path that makes the paper's
 MNIST CapsNet training step run near this machine's matmul rate (docs/performance.md has
 the measurements). :func:`keep_freed_memory` stops glibc from handing the step's large
 temporaries back to the system after each step (the encoder calls it once, on CPU).
@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["conv_nhwc", "keep_freed_memory"]
+__all__ = ["conv_nhwc", "keep_freed_memory", "GEMM_MIN_KERNEL"]
+
+GEMM_MIN_KERNEL = 7
+"""Smallest kernel side :func:`conv_nhwc` runs as a patch-matrix GEMM on a CPU (below: oneDNN)."""
 
 _MALLOC_SETTINGS = ((-3, 1 << 30), (-1, (1 << 31) - 1), (-2, 64 << 20))
 """glibc ``mallopt`` settings: M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB, M_TOP_PAD 64 MiB."""
@@ -192,14 +195,15 @@ class _GemmConv(torch.autograd.Function):
 def conv_nhwc(x: torch.Tensor, conv: nn.Conv2d, gemm: bool | None = None, relu: bool = False) -> torch.Tensor:
     """Apply ``conv`` (then a ReLU with ``relu``) to channels-last maps ``x (B, H, W, C)``; return ``(B, Ho, Wo, C_out)``.
 
-    With ``gemm`` (the default on CPU) the convolution runs as :class:`_GemmConv`: with
-    these large kernels (9x9, stride 2) its training step measured faster than the
-    library's CPU convolution (oneDNN), mostly in the backward pass; see
-    docs/performance.md. Elsewhere (CUDA) the library convolution is faster and is used
-    on the same parameters.
+    With ``gemm`` the convolution runs as :class:`_GemmConv`. The default (``None``) picks it
+    on a CPU for kernels of 7x7 and larger (the paper's and the report's 9x9 convolutions):
+    there the training step measured faster with it than with the library's CPU convolution
+    (oneDNN), mostly in the backward pass; for the quickstart's 5x5 kernels the library took
+    0.6-0.7x the time (``python benchmarks/bench_conv_paths.py``, docs/performance.md).
+    Elsewhere (CUDA) the library convolution is used, on the same parameters.
     """
     if gemm is None:
-        gemm = x.device.type == "cpu"
+        gemm = x.device.type == "cpu" and min(conv.kernel_size) >= GEMM_MIN_KERNEL
     if not gemm or conv.dilation != (1, 1) or conv.groups != 1:
         y = F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, conv.stride, conv.padding,
                      conv.dilation, conv.groups)

@@ -145,3 +145,23 @@ def test_mnist_shaped_encoder_gradients_match_library_path(monkeypatch):
     grads_ref = torch.autograd.grad((enc(images) * weights).sum(), list(enc.parameters()))
     for got, want in zip(grads, grads_ref):
         assert torch.allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("cin,k,expected", [
+    (256, 9, "_GemmConv"),   # the paper's and the report's primary capsules
+    (3, 9, "_GemmConv"),     # the CIFAR-10 conv1
+    (1, 9, "_GemmConv"),     # MNIST's conv1 (in the whole training step the GEMM measured faster)
+    (64, 5, "Convolution"),  # the quickstart's primary capsules: a 5x5 kernel
+    (3, 5, "Convolution"),   # the quickstart's conv1
+])
+def test_default_path_follows_kernel_size(cin, k, expected):
+    conv = _conv(cin, 4, k, stride=2)
+    x = torch.randn(1, k + 2, k + 2, cin, dtype=torch.float64, requires_grad=True)
+    y = conv_nhwc(x, conv)
+    names, fn = [], y.grad_fn
+    while fn is not None and len(names) < 4:  # the view / permute on top, then the convolution
+        names.append(type(fn).__name__)
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    assert any(n.startswith(expected) for n in names), names
+    assert torch.allclose(y, conv_nhwc(x, conv, gemm=expected == "_GemmConv"), atol=0)
+    assert torch.allclose(y, F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, 2).permute(0, 2, 3, 1), atol=1e-10)
