@@ -141,8 +141,11 @@ def build_optimizer(
     if spec.schedule == "cosine" and total_steps < 1:
         raise ValueError('schedule = "cosine" needs total_steps >= 1 (the steps it decays over)')
     params = list(params)
-    optimizer = torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
-                                 fused=True if _fused_on_cpu(params) else None)
+    settings = dict(lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+    try:
+        optimizer = torch.optim.Adam(params, **settings, fused=True if _fused_on_cpu(params) else None)
+    except RuntimeError:  # torch before 2.4 has no fused CPU kernel: its default implementation
+        optimizer = torch.optim.Adam(params, **settings)
 
     def multiplier(step: int) -> float:  # a plain function: LambdaLR's state_dict stores nothing of it
         return lr_multiplier(spec, step, total_steps)

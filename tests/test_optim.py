@@ -174,6 +174,21 @@ def test_fused_adam_only_where_every_parameter_is_a_floating_cpu_tensor():
     assert not build_optimizer(OptimizerSpec(), [cpu, meta], total_steps=1)[0].param_groups[0]["fused"]
 
 
+def test_a_torch_without_the_fused_cpu_kernel_gets_the_default_adam(monkeypatch):
+    real = torch.optim.Adam
+
+    class OldTorchAdam(real):  # torch < 2.4 refuses fused=True for CPU tensors, with this error
+        def __init__(self, params, *args, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                   "supported devices: ['cuda'].")
+            super().__init__(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", OldTorchAdam)
+    opt, _ = build_optimizer(OptimizerSpec(lr=2e-3), _tiny_model().parameters(), total_steps=1)
+    assert isinstance(opt, real) and not opt.param_groups[0]["fused"] and opt.param_groups[0]["lr"] == 2e-3
+
+
 def test_a_checkpoint_of_the_unfused_adam_resumes_unfused_and_exact():
     """Older runs saved the default implementation's state: resuming keeps it, so the run stays exact."""
     model = _tiny_model()
