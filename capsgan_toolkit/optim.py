@@ -142,10 +142,13 @@ def build_optimizer(
         raise ValueError('schedule = "cosine" needs total_steps >= 1 (the steps it decays over)')
     params = list(params)
     settings = dict(lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+    fused = _fused_on_cpu(params)
     try:
-        optimizer = torch.optim.Adam(params, **settings, fused=True if _fused_on_cpu(params) else None)
-    except RuntimeError:  # torch before 2.4 has no fused CPU kernel: its default implementation
-        optimizer = torch.optim.Adam(params, **settings)
+        optimizer = torch.optim.Adam(params, **settings, fused=True if fused else None)
+    except RuntimeError:
+        if not fused:
+            raise
+        optimizer = torch.optim.Adam(params, **settings)  # torch before 2.4 has no fused CPU kernel
 
     def multiplier(step: int) -> float:  # a plain function: LambdaLR's state_dict stores nothing of it
         return lr_multiplier(spec, step, total_steps)
