@@ -56,13 +56,13 @@ if (
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, **TUNING})
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from capsgan_toolkit.evaluation.flops import count_flops  # noqa: E402
 
 from capsgan_plugins import capsule  # noqa: E402
 from capsgan_plugins.capsule import dynamic_routing, squash  # noqa: E402
 from capsgan_plugins.capsule_cpu import keep_freed_memory  # noqa: E402
 from capsgan_plugins.losses import MarginLoss  # noqa: E402
-from capsgan_toolkit.optim import OptimizerSpec, build_optimizer  # noqa: E402
+from capsgan_toolkit.step.optim import OptimizerSpec, build_optimizer  # noqa: E402
 
 MATMUL_SIZE = 2048
 TARGETS = {"MNIST": 0.70, "CIFAR-10": 0.65}
@@ -133,9 +133,7 @@ def make_step(module, case: Case, optimizer: str = "trainer"):
         opt.step()
 
     step()
-    with FlopCounterMode(display=False) as counter:
-        loss_fn(enc(images), labels).backward()
-    return step, counter.get_total_flops()
+    return step, count_flops(lambda: loss_fn(enc(images), labels).backward())
 
 
 def bench_steps(versions: dict, repeats: int, optimizer: str) -> tuple[dict, float]:

@@ -28,7 +28,7 @@ if __name__ == "__main__" and os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":  #
 import torch  # noqa: E402
 
 from capsgan_plugins.capsule_cpu import conv_nhwc, keep_freed_memory  # noqa: E402
-from capsgan_toolkit.bench import build_for_bench  # noqa: E402
+from capsgan_toolkit.tools.bench import build_for_bench  # noqa: E402
 
 RECIPES = ["recipes/quickstart.toml", "recipes/capsgan_mnist.toml", "recipes/capsgan_cifar.toml"]
 

@@ -28,7 +28,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 python3 - "$out" <<'PY'
 import json, os, subprocess, sys, time, tomllib
 from pathlib import Path
-from capsgan_toolkit.recipe import dumps_toml
+from capsgan_toolkit.recipe.schema import dumps_toml
 
 out = Path(sys.argv[1])
 def recipe(base, name, data, **extra):
@@ -61,7 +61,7 @@ runs = [
 # The last run reads its batches image by image (DataLoader + default collate), as every run did before
 # whole-batch reading (capsgan_toolkit.data.batch_loader): the same epoch as capsnet-mnist-size, for the ratio.
 ITEMS = ("import sys, capsgan_toolkit.data as d; d.batch_fetcher = lambda dataset, device=None: None; "
-         "from capsgan_toolkit.cli import main; sys.argv[0] = 'capsgan'; main()")
+         "from capsgan_toolkit.cli.main import main; sys.argv[0] = 'capsgan'; main()")
 print(f"{'run':24s} {'batch':>5s} {'s/epoch':>8s} {'img/s':>9s} {'test acc':>8s}  wall")
 for p in runs:
     start = time.time()

@@ -7,7 +7,7 @@ import os
 # when torch loads, so it is set here, before any torch import; a value set by the user wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from capsgan_toolkit.hookspecs import NAME, hookimpl  # noqa: E402
+from capsgan_toolkit.plugin.spec import NAME, hookimpl  # noqa: E402
 
 __version__ = "0.1.0"
 

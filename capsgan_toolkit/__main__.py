@@ -1,6 +1,6 @@
 """Allow ``python -m capsgan_toolkit``."""
 
-from capsgan_toolkit.cli import main
+from capsgan_toolkit.cli.main import main
 
 if __name__ == "__main__":  # pragma: no cover
     main()

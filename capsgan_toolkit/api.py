@@ -18,13 +18,13 @@ from typing import Any, Callable
 import torch
 
 from capsgan_toolkit import __version__
-from capsgan_toolkit import checkpoint as ckpt
-from capsgan_toolkit.build import Built, build, pick_device
-from capsgan_toolkit.ema import load_averaged
+from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.recipe.build import Built, build, pick_device
+from capsgan_toolkit.step.ema import load_averaged
 from capsgan_toolkit.errors import CapsganError, CheckpointError, RecipeError
-from capsgan_toolkit.plugin_manager import PluginSet, load_plugins
-from capsgan_toolkit.recipe import ResolvedRecipe, apply_overrides, read_toml, resolve
-from capsgan_toolkit.rundir import RunDir, breaking_changes
+from capsgan_toolkit.plugin.manager import PluginSet, load_plugins
+from capsgan_toolkit.recipe.schema import ResolvedRecipe, apply_overrides, read_toml, resolve
+from capsgan_toolkit.rundir.folder import RunDir, breaking_changes
 
 
 def load_recipe(path: str | Path, sets=(), *, strict_plugins: bool = False,
@@ -71,7 +71,7 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         console: a rich console for progress (``None``: quiet).
         strict_plugins: see :func:`load_recipe`.
     """
-    from capsgan_toolkit import distributed
+    from capsgan_toolkit.step import distributed
 
     dist = distributed.setup(_device_hint(recipe, out, sets))  # torchrun: join the process group (else nothing)
     try:
@@ -99,7 +99,7 @@ def _device_hint(recipe, out, sets) -> str:
 
 
 def _train(recipe, *, out, sets, resume, overwrite, console, strict_plugins, dist) -> dict[str, Any]:
-    from capsgan_toolkit.trainer import Trainer
+    from capsgan_toolkit.training.trainer import Trainer
 
     warn = None if console is None else (lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False))
     if resume and out is not None and RunDir(out).is_run():
@@ -178,7 +178,7 @@ class LoadedRun:
 
     def evaluator(self, progress=None):
         """Return an Evaluator of this run (``progress``: a rich Console for progress bars, or ``None``)."""
-        from capsgan_toolkit.evaluation import Evaluator
+        from capsgan_toolkit.evaluation.evaluator import Evaluator
 
         return Evaluator(self.resolved, self.plugins.registry, objective=self.built.objective,
                          dataset=self.built.dataset, device=self.device, progress=progress)
@@ -237,7 +237,7 @@ def evaluate(run_dir, *, checkpoint: str | None = None, metrics: list[str] | Non
              num_images: int | None = None, sets=(), device: str | None = None, inception_weights: str | None = None,
              out: str | Path | None = None, console=None) -> dict[str, Any]:
     """Evaluate a trained run with its recipe's ``[eval]`` protocol (or the overrides); write and return eval.json."""
-    from capsgan_toolkit.evaluation import preflight
+    from capsgan_toolkit.evaluation.evaluator import preflight
 
     overrides: dict[str, Any] = {}
     if metrics is not None:

@@ -158,13 +158,29 @@ EPOCH_KEYS: dict[str, ResultKey] = {
     EPOCH_TEST_ACC: ResultKey(EPOCH_TEST_ACC, EPOCH_TEST_ACC, "classifier accuracy on the test split "
                               "(its first run.eval_batches batches; 0: all)", "higher", _FRACTION),
     EPOCH_TEST_REC_MSE: ResultKey(EPOCH_TEST_REC_MSE, EPOCH_TEST_REC_MSE, "mean squared error of reconstructions "
-                                  "of the same test images (metrics.recon_mse01)", "lower",
+                                  "of the same test images (evaluation.scores.recon_mse01)", "lower",
                                   "pixels in [0, 1]: mean of squared differences"),
 }
 """Keys of the training loop's per-epoch row (and summary.json) that measure the model."""
 
-RESULT_KEYS: dict[str, ResultKey] = {k.stem: k for m in _METRICS for k in m.keys} | EPOCH_KEYS
-"""Every result key by stem (``gen_fid``, ``rec_mse``, ``test_acc``, ...)."""
+COST_KEYS: dict[str, ResultKey] = {k.stem: k for k in (
+    ResultKey("images_per_s", "images_per_s", "training images per second, mean over the logged intervals "
+              "(summary.json)", "higher", "images/s"),
+    ResultKey("train_time_s", "train_time_s", "wall-clock seconds of training, evaluation excluded (summary.json)",
+              "lower", "s"),
+    ResultKey("seconds_per_epoch", "seconds_per_epoch", "seconds of training per epoch (summary.json; "
+              "train_time_s / epochs when absent)", "lower", "s"),
+    ResultKey("peak_memory_bytes", "peak_memory_bytes", "peak memory: CUDA max allocated on a GPU, the training "
+              "process's max RSS on a CPU (summary.json)", "lower", "bytes"),
+    ResultKey("parameters", "parameters.{label}", "trainable and frozen parameters of the part (summary.json)",
+              "lower", "parameters"),
+    ResultKey("flops_per_image", "flops_per_image.{label}", "forward FLOPs per image of the part, "
+              "torch.utils.flop_counter (summary.json)", "lower", "FLOP"),
+)}
+"""What a run cost, from its summary.json (``capsgan compare``'s cost rows)."""
+
+RESULT_KEYS: dict[str, ResultKey] = {k.stem: k for m in _METRICS for k in m.keys} | EPOCH_KEYS | COST_KEYS
+"""Every result key by stem (``gen_fid``, ``rec_mse``, ``test_acc``, ``images_per_s``, ...)."""
 
 _FIELD_RE = {"count": r"(?P<count>\d+k?)", "split": r"(?P<split>[a-z]+)", "label": r"(?P<label>[a-z][a-z0-9_]*)"}
 _PATTERNS = [(re.compile("".join(_FIELD_RE[p[1:-1]] if p.startswith("{") else re.escape(p)
@@ -316,7 +332,7 @@ class EvalSection(BaseModel):
     def _known_names(self):
         unknown = [m for m in self.metrics if m not in EVAL_METRICS]
         if unknown:
-            from capsgan_toolkit.registry import suggest
+            from capsgan_toolkit.plugin.registry import suggest
 
             raise ValueError(
                 f"unknown metric {unknown[0]!r}.{suggest(unknown[0], list(EVAL_METRICS))} "
@@ -363,7 +379,7 @@ def render_table(report, title: str = "evaluation"):
     """Return a rich Table of an evaluation report: each number with its std, direction and images; then skips.
 
     ``report`` has ``metrics`` (key -> value), ``protocol`` (key -> record) and
-    ``skipped`` (name -> why), as :class:`capsgan_toolkit.evaluation.EvalReport` does.
+    ``skipped`` (name -> why), as :class:`capsgan_toolkit.evaluation.evaluator.EvalReport` does.
     """
     from rich.table import Column, Table
 
@@ -391,6 +407,8 @@ def markdown_table() -> str:
                          f"{k.unit} | {need if first else ''} | {', '.join(m.protocol) if first else ''} |")
     for k in EPOCH_KEYS.values():
         lines.append(f"| (training row) | `{k.pattern}` | {k.quantity} | {k.direction} | {k.unit} | | |")
+    for k in COST_KEYS.values():
+        lines.append(f"| (cost, compare) | `{k.pattern}` | {k.quantity} | {k.direction} | {k.unit} | | |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """The ``objective`` family: what one training step computes and which optimizers it owns.
 
-The training loop (:mod:`capsgan_toolkit.trainer`) only iterates over batches, asks the gate
+The training loop (:mod:`capsgan_toolkit.training.trainer`) only iterates over batches, asks the gate
 which phases run, hands the objective an ``update`` function that applies one optimizer
 step, logs, checkpoints and handles signals. Everything model-specific — which parts are
 called in which order, which losses are combined with which weights, what is detached —

@@ -38,7 +38,8 @@ from torch import nn
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup, Params
-from capsgan_toolkit.metrics import progress_task, to_fidelity_images
+from capsgan_toolkit.evaluation.scores import to_fidelity_images
+from capsgan_toolkit.progress import progress_task
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -112,7 +113,7 @@ def train_domain_net(dataset, params: "DomainClassifierParams", info, *, device:
 
     Everything random (initialisation, subset, batch order) comes from ``params.seed``;
     the caller's random state is left as it was. ``progress`` (a
-    :class:`capsgan_toolkit.metrics.Progress` or a ``log(text)`` callable) shows the steps.
+    :class:`capsgan_toolkit.progress.Progress` or a ``log(text)`` callable) shows the steps.
     """
     from capsgan_plugins.fidelity_adapters import DomainNet
 

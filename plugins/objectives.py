@@ -27,7 +27,7 @@ from capsgan_toolkit import hookimpl
 from capsgan_toolkit.interfaces import Params as ComponentParams
 from capsgan_toolkit.interfaces import Phases
 from capsgan_toolkit.objective import Objective, StepResult, Update
-from capsgan_toolkit.prior import ClassGaussianPrior
+from capsgan_toolkit.evaluation.prior import ClassGaussianPrior
 
 
 @contextlib.contextmanager
@@ -158,7 +158,7 @@ class ReconstructionGAN(Objective):
         return self.p.generator(self.p.encoder.to_latent(self.p.encoder(images)))
 
     def prepare_generation(self, train_split, *, limit, seed, batch_size, device, progress=None):
-        from capsgan_toolkit.evaluation import fit_prior
+        from capsgan_toolkit.evaluation.evaluator import fit_prior
 
         self.prior = fit_prior(self.p.encoder, train_split, limit=limit, seed=seed, batch_size=batch_size,
                                device=device, num_classes=self.p.info.num_classes, progress=progress)

@@ -1,7 +1,7 @@
 """TensorBoard logging through the typed run events (``[output] tensorboard = true``).
 
 An observer plugin: it adds no component, only implements the run-event hooks of
-:mod:`capsgan_toolkit.hookspecs`, and never sees a model. It writes into
+:mod:`capsgan_toolkit.plugin.spec`, and never sees a model. It writes into
 ``RUN_DIR/tensorboard/`` with :class:`torch.utils.tensorboard.SummaryWriter`:
 
 - ``train/<key>``: every number of the ``metrics.jsonl`` rows of kind "train" (losses,
@@ -135,7 +135,7 @@ def capsgan_run_start(event):
     logger = _LOGGERS[_key(event.run_dir)] = _Logger(Path(event.run_dir),
                                                      resumed_at=event.step if event.resumed else None)
     if not event.resumed:
-        from capsgan_toolkit.recipe import dumps_toml
+        from capsgan_toolkit.recipe.schema import dumps_toml
 
         text = "\n".join("    " + line for line in dumps_toml(event.recipe).splitlines())  # markdown code block
         logger.writer.add_text("recipe", text, 0)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from capsgan_toolkit.plugin_manager import load_plugins
+from capsgan_toolkit.plugin.manager import load_plugins
 from helpers import TINY_RECIPE
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -39,7 +39,7 @@ def tiny_recipe() -> dict:
 
 def write_toml(path: Path, data: dict) -> str:
     """Write a recipe dict as TOML and return the path as a string."""
-    from capsgan_toolkit.recipe import dumps_toml
+    from capsgan_toolkit.recipe.schema import dumps_toml
 
     path.write_text(dumps_toml(data) + "\n", encoding="utf-8")
     return str(path)
@@ -54,7 +54,7 @@ def invoke(*args, catch_exceptions: bool = False, **kwargs):
     """
     from click.testing import CliRunner
 
-    from capsgan_toolkit.cli import cli
+    from capsgan_toolkit.cli.main import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions, **kwargs)
 

@@ -1,32 +1,31 @@
-"""Architecture rules that keep the code readable: no import cycle, no module grown too long.
+"""Architecture rules: layers import only downward, no import cycle, the plugin API stays small.
+
+The layers
+----------
+The engine, ``capsgan_toolkit``, is a stack of units (a top-level module or a sub-package),
+listed bottom to top in :data:`LAYERS`; ``docs/architecture.md`` draws the same tree. A unit
+imports only units of lower layers (and itself). The package's own ``__init__`` imports only
+``capsgan_toolkit.plugin.spec`` (``NAME``, ``hookimpl``), which imports nothing of the toolkit,
+so every module may import ``capsgan_toolkit`` for ``hookimpl`` and ``__version__``. The
+built-in plugins, ``capsgan_plugins`` (folder ``plugins/``), sit beside a third party's: they
+import the plugin API and the layers up to :data:`PLUGINS_REACH`, never the loop, the API,
+the tools, compare or the command line, and the engine never imports them.
+
+The plugin API (:data:`PLUGIN_API`: what a plugin author imports to write a component)
+imports nothing of the engine but itself. No module imports a private name (``_x``) of
+another unit.
 
 The import graph
 ----------------
-Every module of the two packages, ``capsgan_toolkit`` (folder ``capsgan_toolkit/``) and
-``capsgan_plugins`` (folder ``plugins/``, mapped by ``[tool.setuptools] package-dir`` in
-pyproject.toml), is parsed with :mod:`ast`. Every ``import`` and ``from ... import``
-statement counts, at module level *and* inside functions, methods and ``if`` blocks:
-relative names are resolved against the module's package, ``from pkg import name`` is an
-edge to ``pkg.name`` when that is a module and to ``pkg`` otherwise, and only edges between
-modules of the two packages are kept. Importing ``a.b.c`` first runs the ``__init__`` of
-``a`` and ``a.b``, so those are edges too, except where they are packages of the importing
-module itself (already being imported; see :func:`_targets`).
-
-Why function-level imports count too: a lazy import inside a function only moves the
-moment a cycle bites from import time to call time; the two modules still cannot be read,
-tested or replaced apart, which is what the rule is for (issue 8 broke the cycles
-``cli`` <-> ``cli_eval`` and ``metric_features`` <-> ``fidelity_adapters``, both of which
-were partly lazy). A lazy import remains the right tool to defer a heavy dependency
-(torch-fidelity, matplotlib) or to let a low module reach a higher one *without a path
-back* — and then it is no cycle and this test does not mind it.
-
-``if TYPE_CHECKING:`` blocks are skipped: they never run.
-
-Module size
------------
-Every module under ``capsgan_toolkit/`` (sub-packages included) and ``plugins/`` stays
-under :data:`MAX_LINES` lines, and the training loop, ``capsgan_toolkit/trainer.py``,
-under :data:`MAX_TRAINER_LINES`, so that it reads top to bottom in one sitting (issue 8).
+Every module of the two packages is parsed with :mod:`ast`. Every ``import`` and
+``from ... import`` statement counts, at module level *and* inside functions, methods and
+``if`` blocks: a lazy import only moves the moment a dependency bites from import time to
+call time, the two modules still cannot be read or replaced apart. Relative names are
+resolved against the module's package, ``from pkg import name`` is an edge to ``pkg.name``
+when that is a module and to ``pkg`` otherwise. Importing ``a.b.c`` first runs the
+``__init__`` of ``a`` and ``a.b``, so those are edges too, except where they are packages of
+the importing module itself (see :func:`_targets`). ``if TYPE_CHECKING:`` blocks are skipped:
+they never run.
 """
 
 from __future__ import annotations
@@ -34,14 +33,35 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"capsgan_toolkit": ROOT / "capsgan_toolkit", "capsgan_plugins": ROOT / "plugins"}
 """Import name -> source folder (pyproject.toml's package-dir)."""
 
-MAX_LINES = 400
-MAX_TRAINER_LINES = 250
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors",),
+    ("interfaces", "data", "layers", "progress"),
+    ("objective",),
+    ("step",),          # optim, divergence, EMA, augment, speed, CUDA graphs, distributed
+    ("plugin",),        # spec, events, registry + families, manager
+    ("catalogue",),     # metric names, directions, the [eval] table
+    ("recipe",),        # schema, TOML, build
+    ("rundir",),        # the run folder, checkpoint files, logs and pictures
+    ("evaluation",),    # evaluator, scores, prior, FLOPs
+    ("training",),      # trainer, checkpointing, stepping, state, monitor
+    ("api",),
+    ("tools",),         # bench, probe, sampling, scaffold
+    ("compare",),
+    ("testing", "cli"),
+    ("__main__",),
+)
+"""The engine's units, bottom to top (a unit: ``capsgan_toolkit.<unit>`` module or package)."""
+
+PLUGIN_API = frozenset({"errors", "interfaces", "data", "layers", "objective"})
+"""The units a plugin author needs to write a component (and ``capsgan_toolkit.hookimpl``)."""
+
+PLUGINS_REACH = "evaluation"
+"""The highest layer the built-in plugins may import (the prior fit, image scores)."""
 
 
 # --------------------------------------------------------------------------- the modules
@@ -205,9 +225,9 @@ def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
 
 def test_the_graph_sees_both_packages_and_resolves_relative_imports():
     graph = import_graph()
-    assert "capsgan_toolkit.trainer" in graph and "capsgan_plugins.objectives" in graph
+    assert "capsgan_toolkit.training.trainer" in graph and "capsgan_plugins.objectives" in graph
     assert "capsgan_toolkit.objective" in graph["capsgan_plugins.objectives"]  # a cross-package edge
-    assert "capsgan_toolkit.rundir" in graph["capsgan_toolkit.trainer"]
+    assert "capsgan_toolkit.rundir.folder" in graph["capsgan_toolkit.training.trainer"]
     # capsgan_plugins imports capsgan_toolkit, never the reverse
     toolkit_to_plugins = sorted((a, b) for a, edges in graph.items() if a.startswith("capsgan_toolkit")
                                 for b in edges if b.startswith("capsgan_plugins"))
@@ -221,14 +241,14 @@ def test_the_cycle_finder_finds_a_cycle_and_prints_it():
     # relative imports resolve against the package; a module's own package is no edge unless
     # an attribute of its __init__ is read
     tree = ast.parse("from . import rundir\nfrom .errors import CapsganError\nfrom . import __version__\n"
-                     "from .compare import cost\nimport capsgan_plugins.objectives")
+                     "from .compare import runner\nimport capsgan_plugins.objectives")
     nodes = list(_import_nodes(tree))
     found = [_targets("capsgan_toolkit.api", n) for n in sorted(nodes, key=lambda n: n.lineno)]
     assert found == [{"capsgan_toolkit.rundir"}, {"capsgan_toolkit.errors"}, {"capsgan_toolkit"},
-                     {"capsgan_toolkit.compare", "capsgan_toolkit.compare.cost"},
+                     {"capsgan_toolkit.compare", "capsgan_toolkit.compare.runner"},
                      {"capsgan_plugins", "capsgan_plugins.objectives"}]
     # lazy imports count; TYPE_CHECKING-only imports do not
-    tree = ast.parse("def f():\n    import capsgan_toolkit.api\nif TYPE_CHECKING:\n    import capsgan_toolkit.cli\n")
+    tree = ast.parse("def f():\n    import capsgan_toolkit.api\nif TYPE_CHECKING:\n    import capsgan_toolkit.cli.main\n")
     found = set().union(*(_targets("capsgan_toolkit.x", n) for n in _import_nodes(tree)))
     assert found == {"capsgan_toolkit.api"}
 
@@ -239,14 +259,82 @@ def test_no_import_cycle_in_the_packages():
         "  " + " -> ".join(cycle) for cycle in cycles)
 
 
-def _line_count(path: Path) -> int:
-    return len(path.read_text(encoding="utf-8").splitlines())
+def _unit(module: str) -> str:
+    """``capsgan_toolkit.a.b`` -> ``a``; the package itself -> ``""``; the plugins -> ``capsgan_plugins``."""
+    parts = module.split(".")
+    if parts[0] == "capsgan_plugins":
+        return "capsgan_plugins"
+    return parts[1] if len(parts) > 1 else ""
 
 
-@pytest.mark.parametrize("name", sorted(MODULES), ids=str)
-def test_every_module_is_under_the_size_limit(name):
-    path = MODULES[name]
-    limit = MAX_TRAINER_LINES if name == "capsgan_toolkit.trainer" else MAX_LINES
-    lines = _line_count(path)
-    assert lines < limit, (f"{path.relative_to(ROOT)} has {lines} lines; the limit is {limit}. Split it along a "
-                           "seam a reader would name (see docs/architecture.md's module map).")
+LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every edge that breaks the layer rules of this file's docstring, as readable lines."""
+    bad = []
+    reach = LAYER_OF[PLUGINS_REACH]
+    for module, edges in sorted(graph.items()):
+        a = _unit(module)
+        for target in sorted(edges):
+            b = _unit(target)
+            if a == "":
+                if target not in {"capsgan_toolkit.plugin", "capsgan_toolkit.plugin.spec"}:
+                    bad.append(f"{module} -> {target}: the package's __init__ imports only plugin.spec")
+            elif b == "" or a == b:
+                continue
+            elif a == "capsgan_plugins":
+                if LAYER_OF[b] > reach:
+                    bad.append(f"{module} -> {target}: built-in plugins import no layer above {PLUGINS_REACH}")
+            elif b == "capsgan_plugins":
+                bad.append(f"{module} -> {target}: the engine never imports the built-in plugins")
+            elif a in PLUGIN_API and b not in PLUGIN_API:
+                bad.append(f"{module} -> {target}: the plugin API imports no engine internals")
+            elif LAYER_OF[b] >= LAYER_OF[a]:
+                bad.append(f"{module} -> {target}: layer {LAYER_OF[a]} ({a}) imports layer {LAYER_OF[b]} ({b})")
+    return bad
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(m) for m in MODULES} - {"", "capsgan_plugins"}
+    assert units == set(LAYER_OF), f"units without a layer: {sorted(units - set(LAYER_OF))}; " \
+                                   f"layers without a unit: {sorted(set(LAYER_OF) - units)}"
+
+
+def test_layers_import_only_downward():
+    bad = layer_violations(import_graph())
+    assert not bad, "imports against the layer order (see this file's docstring):\n  " + "\n  ".join(bad)
+
+
+def test_the_layer_check_catches_an_upward_import():
+    graph = {"capsgan_toolkit.step.optim": {"capsgan_toolkit.training.trainer"},
+             "capsgan_toolkit.interfaces": {"capsgan_toolkit.rundir.folder"},
+             "capsgan_plugins.cnn": {"capsgan_toolkit.api"},
+             "capsgan_toolkit.recipe.build": {"capsgan_plugins.cnn", "capsgan_toolkit", "capsgan_toolkit.step.speed"},
+             "capsgan_toolkit": {"capsgan_toolkit.api"}}
+    bad = layer_violations(graph)
+    assert len(bad) == 5, bad
+    assert any("layer 3 (step) imports layer 9 (training)" in line for line in bad)
+    assert any("plugin API imports no engine internals" in line for line in bad)
+
+
+def test_no_module_imports_a_private_name_of_another_unit():
+    bad = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in _import_nodes(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(tuple(PACKAGES)):
+                if _unit(node.module) == _unit(name):
+                    continue
+                bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "private names imported across units:\n  " + "\n  ".join(bad)
+
+
+def test_pyproject_lists_every_package_folder():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name in MODULES if _is_package(name)}
+    assert listed == found, f"pyproject.toml [tool.setuptools] packages: missing {sorted(found - listed)}, " \
+                            f"extra {sorted(listed - found)}"

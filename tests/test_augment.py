@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from capsgan_toolkit import api
-from capsgan_toolkit import checkpoint as ckpt
-from capsgan_toolkit.augment import AugmentSection, Augmenter, Draw, apply, draw, step_generator, wrap_dataset
-from capsgan_toolkit.build import build
+from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.step.augment import AugmentSection, Augmenter, Draw, apply, draw, step_generator, wrap_dataset
+from capsgan_toolkit.recipe.build import build
 from capsgan_toolkit.errors import RecipeError
-from capsgan_toolkit.evaluation import data_id
+from capsgan_toolkit.evaluation.evaluator import data_id
 from capsgan_toolkit.interfaces import DatasetInfo, DatasetPlugin
-from capsgan_toolkit.monitor import Monitor
-from capsgan_toolkit.recipe import load_recipe, resolve
-from capsgan_toolkit.training_state import DataPlan
+from capsgan_toolkit.training.monitor import Monitor
+from capsgan_toolkit.recipe.schema import resolve_file, resolve
+from capsgan_toolkit.training.state import DataPlan
 from helpers import TINY_RECIPE, write_toml
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,7 +159,7 @@ def _recipe(tiny_recipe, **augment):
 def _recipe_error(data, registry, tmp_path):
     path = write_toml(tmp_path / "r.toml", data)
     with pytest.raises(RecipeError) as info:
-        load_recipe(path, registry)
+        resolve_file(path, registry)
     return str(info.value)
 
 
@@ -272,6 +272,6 @@ def test_report_recipes_and_their_cnn_twins_augment_alike(capsule, cnn):
 
 
 def test_the_cifar_recipes_take_the_papers_24x24_crops_as_their_comment_says(registry):
-    resolved = load_recipe(ROOT / "recipes" / "capsgan_cifar.toml", registry,
+    resolved = resolve_file(ROOT / "recipes" / "capsgan_cifar.toml", registry,
                            ["augment.crop=24", "augment.crop_padding=0"])
     assert resolved.recipe.augment.crop == 24 and resolved.recipe.augment.hflip

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from capsgan_toolkit.augment import _CentreCropSplit
+from capsgan_toolkit.step.augment import _CentreCropSplit
 from capsgan_toolkit.data import ImageTensorDataset, batch_fetcher, batch_loader
 
 

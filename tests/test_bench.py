@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import invoke, tiny_recipe, write_toml
 
-from capsgan_toolkit.bench import count_flops, cpu_tensor_peak, peak_for, time_each
+from capsgan_toolkit.evaluation.flops import count_flops
+from capsgan_toolkit.tools.bench import cpu_tensor_peak, peak_for, time_each
 
 
 @pytest.fixture(scope="module")

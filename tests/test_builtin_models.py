@@ -27,7 +27,7 @@ from capsgan_toolkit import layers
 from capsgan_toolkit import testing as kit
 from capsgan_toolkit.errors import RecipeError, RegistryError
 from capsgan_toolkit.layers import squash
-from capsgan_toolkit.registry import Registry
+from capsgan_toolkit.plugin.registry import Registry
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
 K, D = 10, 16

@@ -17,7 +17,7 @@ import torch
 from capsgan_plugins import capsule
 from capsgan_plugins.capsule import CapsNetEncoder, CapsNetParams, _conv_nhwc, dynamic_routing, squash
 from capsgan_toolkit.errors import RecipeError, RegistryError
-from capsgan_toolkit.plugin_manager import load_plugins
+from capsgan_toolkit.plugin.manager import load_plugins
 
 EPS = 1e-8
 
@@ -273,7 +273,7 @@ def test_encoder_routing_bias_param_and_gradient():
 def test_routing_bias_recipe_params_round_trip(registry, tiny_recipe):
     import tomllib
 
-    from capsgan_toolkit.recipe import dumps_toml, resolve
+    from capsgan_toolkit.recipe.schema import dumps_toml, resolve
 
     params = CapsNetParams(**TINY, routing_bias=True, routing_bias_init=0.25)
     assert CapsNetParams(**params.model_dump()) == params

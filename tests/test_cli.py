@@ -115,7 +115,7 @@ def test_traversal_sweeps_one_dimension_per_row():
     import torch
 
     from capsgan_toolkit.interfaces import Encoder, EncoderParams
-    from capsgan_toolkit.reporting import save_traversal
+    from capsgan_toolkit.rundir.reporting import save_traversal
 
     class FixedEncoder(Encoder):
         def forward(self, images):
@@ -144,7 +144,7 @@ def test_traversal_sweeps_one_dimension_per_row():
 def test_sample_pairs_keep_each_reconstruction_under_its_image(tmp_path):
     import torch
 
-    from capsgan_toolkit.reporting import save_pairs
+    from capsgan_toolkit.rundir.reporting import save_pairs
 
     real = torch.full((10, 1, 2, 2), -1.0)  # black
     recon = torch.full((10, 1, 2, 2), 1.0)  # white

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from capsgan_toolkit.compare import stats
-from capsgan_toolkit.compare.command import compare_command
+from capsgan_toolkit.cli.compare import compare_command
 from capsgan_toolkit.compare.fairness import category, compare_recipes
 from capsgan_toolkit.compare.spec import CompareError, load_spec
 from helpers import TINY_RECIPE, write_toml
@@ -303,7 +303,7 @@ def test_spec_loads_and_builds_overrides(tmp_path):
     sets = loaded.overrides(spec.arms[0], 1)
     assert sets[0] == "encoder.channels=4" and "run.seed=1" in sets and 'run.name="a-seed-1"' in sets
     assert 'eval.features={ domain = { plugin = "domain_classifier" } }' in sets
-    from capsgan_toolkit.recipe import apply_overrides
+    from capsgan_toolkit.recipe.schema import apply_overrides
 
     data = {}
     apply_overrides(data, sets)
@@ -386,7 +386,7 @@ NO_ENCODER = "the dcgan objective has no encoder"
 
 def _write_probe(path: Path, arm: str, seed: int) -> None:
     """probe.json as `capsgan probe` writes it (rows for two perturbations; the DCGAN measures nothing)."""
-    from capsgan_toolkit.probe import COLUMNS
+    from capsgan_toolkit.tools.probe import COLUMNS
 
     if arm == "dcgan":
         columns, skipped = {}, dict.fromkeys(COLUMNS, NO_ENCODER)

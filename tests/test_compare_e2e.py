@@ -9,8 +9,8 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from capsgan_toolkit.compare.command import compare_command
-from capsgan_toolkit.rundir import RunDir
+from capsgan_toolkit.cli.compare import compare_command
+from capsgan_toolkit.rundir.folder import RunDir
 from helpers import TINY_RECIPE, write_toml
 
 SPEC = """

@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 import capsgan_toolkit
-from capsgan_toolkit.compare.command import compare_command
+from capsgan_toolkit.cli.compare import compare_command
 from capsgan_toolkit.compare.runner import device_setup, parse_shard, plan, shard
 from capsgan_toolkit.compare.spec import CompareError, load_spec
-from capsgan_toolkit.recipe import apply_overrides, dumps_toml, read_toml
-from capsgan_toolkit.rundir import RunDir
+from capsgan_toolkit.recipe.schema import apply_overrides, dumps_toml, read_toml
+from capsgan_toolkit.rundir.folder import RunDir
 from helpers import TINY_RECIPE, write_toml
 
 
@@ -228,7 +228,7 @@ def test_arm_selection(fake_api, tmp_path):
 @pytest.fixture
 def fake_probe(monkeypatch):
     """Stand in for `capsgan probe`: writes probe.json as the real one does (accuracy only) and counts calls."""
-    import capsgan_toolkit.probe as probe_module
+    import capsgan_toolkit.tools.probe as probe_module
 
     probed: list[str] = []
 

@@ -1,4 +1,4 @@
-"""``[speed] cuda_graphs`` (capsgan_toolkit.cuda_graphs): one graph per call of a step, gradients and state as eager.
+"""``[speed] cuda_graphs`` (capsgan_toolkit.step.cuda_graphs): one graph per call of a step, gradients and state as eager.
 
 On a CPU the graphs are played by :func:`_emulated_graphs`, a stand-in for
 ``torch.cuda.make_graphed_callables`` with its contract: it runs the function a few times to warm
@@ -17,9 +17,11 @@ import pytest
 import torch
 from helpers import tiny_recipe, write_toml
 
-from capsgan_toolkit import api, speed
-from capsgan_toolkit.checkpoint import load_checkpoint
-from capsgan_toolkit.cuda_graphs import GraphedCalls
+from capsgan_toolkit import api
+
+from capsgan_toolkit.step import speed
+from capsgan_toolkit.rundir.checkpoint import load_checkpoint
+from capsgan_toolkit.step.cuda_graphs import GraphedCalls
 from capsgan_toolkit.errors import CapsganError
 
 CAPTURES: list[tuple] = []
@@ -55,7 +57,7 @@ def _emulated_graphs(fn, sample_args, num_warmup_iters=3):
 
 @pytest.fixture
 def emulated(monkeypatch):
-    import capsgan_toolkit.cuda_graphs as cg
+    import capsgan_toolkit.step.cuda_graphs as cg
 
     CAPTURES.clear()
     monkeypatch.setattr(speed, "graphs_available", lambda device: True)
@@ -168,7 +170,7 @@ def test_a_model_that_cannot_be_captured_is_a_clear_error():
 
 
 def test_cuda_graphs_with_compile_is_refused_and_off_cuda_ignored():
-    from capsgan_toolkit.speed import Speed, SpeedSection
+    from capsgan_toolkit.step.speed import Speed, SpeedSection
 
     built = type("B", (), {"modules": lambda self: {"encoder": _bn_model()}})()
     with pytest.raises(CapsganError, match="cuda_graphs and speed.compile"):

@@ -26,7 +26,7 @@ from capsgan_plugins import datasets as ds
 from capsgan_plugins import formats, glyphs, image_folder
 from capsgan_toolkit.data import ImageTensorDataset, class_balanced_indices
 from capsgan_toolkit.errors import DataError, RegistryError
-from capsgan_toolkit.registry import Registry
+from capsgan_toolkit.plugin.registry import Registry
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

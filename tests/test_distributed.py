@@ -19,17 +19,18 @@ import torch
 from helpers import invoke, tiny_recipe, write_toml
 
 from capsgan_toolkit import api
-from capsgan_toolkit.checkpoint import load_checkpoint
+from capsgan_toolkit.rundir.checkpoint import load_checkpoint
 
 # A worker that trains like `capsgan run` and then saves its own rank's weights, so the test can
 # compare the ranks (rank 1 writes nothing into the run folder by design).
 WORKER = r'''
 import sys
 import torch
-from capsgan_toolkit import api, distributed
-from capsgan_toolkit.build import build
-from capsgan_toolkit.rundir import RunDir
-from capsgan_toolkit.trainer import Trainer
+from capsgan_toolkit import api
+from capsgan_toolkit.step import distributed
+from capsgan_toolkit.recipe.build import build
+from capsgan_toolkit.rundir.folder import RunDir
+from capsgan_toolkit.training.trainer import Trainer
 
 recipe, out, dump = sys.argv[1:4]
 dist = distributed.setup("cpu")

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from capsgan_toolkit import api
-from capsgan_toolkit import checkpoint as ckpt
-from capsgan_toolkit.ema import EMA, EmaSection
+from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.step.ema import EMA, EmaSection
 from capsgan_toolkit.errors import RecipeError
-from capsgan_toolkit.recipe import resolve
-from capsgan_toolkit.rundir import RunDir
-from capsgan_toolkit.trainer import Trainer
+from capsgan_toolkit.recipe.schema import resolve
+from capsgan_toolkit.rundir.folder import RunDir
+from capsgan_toolkit.training.trainer import Trainer
 from helpers import tiny_recipe, write_toml
 
 
@@ -187,7 +187,7 @@ def test_training_keeps_the_formula_s_average_in_every_checkpoint_and_uses_it_fo
 
 
 def test_periodic_evaluation_runs_on_the_average(tmp_path, monkeypatch):
-    import capsgan_toolkit.evaluation as evaluation
+    import capsgan_toolkit.evaluation.evaluator as evaluation
 
     data = _ema_recipe()
     data["run"]["epochs"], data["gate"] = 1, {"plugin": "always"}  # the generator trains from the first step

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from capsgan_toolkit.checkpoint import load_checkpoint
-from capsgan_toolkit.recipe import resolve
-from capsgan_toolkit.reporting import read_metrics
-from capsgan_toolkit.trainer import Trainer
+from capsgan_toolkit.rundir.checkpoint import load_checkpoint
+from capsgan_toolkit.recipe.schema import resolve
+from capsgan_toolkit.rundir.reporting import read_metrics
+from capsgan_toolkit.training.trainer import Trainer
 
 from helpers import TINY_RECIPE, invoke, write_toml
 

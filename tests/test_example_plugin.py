@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams
-from capsgan_toolkit.plugin_manager import load_plugins
-from capsgan_toolkit.recipe import load_recipe
+from capsgan_toolkit.plugin.manager import load_plugins
+from capsgan_toolkit.recipe.schema import resolve_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "capsgan-example-encoder"
@@ -125,16 +125,16 @@ def test_patch_size_that_does_not_divide_the_image_is_a_clear_error(example):
 
 
 def test_example_recipe_validates_and_reports_typos(example):
-    resolved = load_recipe(RECIPE, example.registry)
+    resolved = resolve_file(RECIPE, example.registry)
     assert resolved.recipe.encoder.plugin == "patch_mlp"
     assert resolved.recipe.data.plugin == "glyphs"
     assert resolved.params["encoder"].patch_size == 4
     with pytest.raises(RecipeError, match=r"encoder\.patch_sise: unknown key .*--set encoder\.patch_sise=3"):
-        load_recipe(RECIPE, example.registry, ["encoder.patch_sise=3"])
+        resolve_file(RECIPE, example.registry, ["encoder.patch_sise=3"])
 
 
 def test_example_recipe_trains_a_few_steps(example, tmp_path):
-    from capsgan_toolkit.trainer import Trainer
+    from capsgan_toolkit.training.trainer import Trainer
 
     events = []
 
@@ -152,7 +152,7 @@ def test_example_recipe_trains_a_few_steps(example, tmp_path):
             events.append(("run_end", event))
 
     example.manager.register(Observer(), name="observer")
-    resolved = load_recipe(RECIPE, example.registry, TINY)
+    resolved = resolve_file(RECIPE, example.registry, TINY)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     trainer = Trainer(resolved, example, run_dir)

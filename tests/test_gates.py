@@ -9,7 +9,7 @@ from capsgan_plugins import gates
 from capsgan_plugins.gates import AccuracyBandGate, AlwaysGate, EpochsGate
 from capsgan_toolkit.errors import CheckpointError, RegistryError
 from capsgan_toolkit.interfaces import Phases, TrainState
-from capsgan_toolkit.registry import Registry
+from capsgan_toolkit.plugin.registry import Registry
 
 WARMUP = Phases(generator=False, discriminator=False, warmup=True)
 BOTH = Phases(generator=True, discriminator=True)

@@ -19,8 +19,8 @@ from capsgan_plugins import metric_features as mf
 from capsgan_toolkit.catalogue import count_tag
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.interfaces import FeatureSetup
-from capsgan_toolkit.metrics import fidelity_scores, psnr, recon_mse01, ssim, to_fidelity_images
-from capsgan_toolkit.prior import ClassGaussianPrior, encode_for_prior
+from capsgan_toolkit.evaluation.scores import fidelity_scores, psnr, recon_mse01, ssim, to_fidelity_images
+from capsgan_toolkit.evaluation.prior import ClassGaussianPrior, encode_for_prior
 from helpers import offline, random_inception_weights
 
 CPU = torch.device("cpu")
@@ -278,8 +278,8 @@ def test_inception_scores_plumbing_with_random_weights(registry, tmp_path):
 
 
 def test_offline_without_weights_fails_before_training(monkeypatch, tmp_path, plugins, tiny_recipe):
-    from capsgan_toolkit.recipe import resolve
-    from capsgan_toolkit.trainer import Trainer
+    from capsgan_toolkit.recipe.schema import resolve
+    from capsgan_toolkit.training.trainer import Trainer
 
     offline(monkeypatch, tmp_path)
     tiny_recipe["eval"] = {"features": {"inception": {"plugin": "inception"}}}
@@ -403,7 +403,7 @@ def test_result_key_builds_and_direction_reads_every_pattern():
 
 def test_catalogue_is_the_one_list_of_names():
     from capsgan_toolkit import catalogue as cat
-    from capsgan_toolkit.recipe import EVAL_METRICS, EvalSection
+    from capsgan_toolkit.recipe.schema import EVAL_METRICS, EvalSection
 
     assert EvalSection is cat.EvalSection and EVAL_METRICS is cat.EVAL_METRICS
     assert list(cat.CATALOGUE) == ["acc", "rec", "rec_fid", "rec_kid", "gen_fid", "gen_kid", "gen_is", "gen_prc",
@@ -478,7 +478,7 @@ def _recording_console():
 
 
 def test_progress_draws_bars_with_time_left_and_is_quiet_without_a_console():
-    from capsgan_toolkit.metrics import Progress, as_progress
+    from capsgan_toolkit.progress import Progress, as_progress
 
     console = _recording_console()
     progress = as_progress(console)
@@ -500,7 +500,7 @@ def test_progress_draws_bars_with_time_left_and_is_quiet_without_a_console():
 
 
 def test_domain_classifier_training_shows_a_bar(registry, tmp_path):
-    from capsgan_toolkit.metrics import Progress
+    from capsgan_toolkit.progress import Progress
 
     data = registry.create("dataset", "glyphs", {"image_size": 28, "channels": 1, "num_train": 64,
                                                  "num_test": 16, "batch_size": 8})
@@ -536,7 +536,7 @@ class FakeReconstructionGAN:
         return self.generator(self.encoder.to_latent(self.encoder(images)))
 
     def prepare_generation(self, train_split, *, limit, seed, batch_size, device, progress=None):
-        from capsgan_toolkit.evaluation import fit_prior
+        from capsgan_toolkit.evaluation.evaluator import fit_prior
 
         self.prior = fit_prior(self.encoder, train_split, limit=limit, seed=seed, batch_size=batch_size,
                                device=device, num_classes=self.num_classes, progress=progress)
@@ -593,7 +593,7 @@ def _evaluator_parts(registry, tmp_path):
 
 def test_evaluator_scores_what_the_objective_offers_with_catalogue_protocols(registry, tmp_path):
     from capsgan_toolkit.catalogue import CATALOGUE, parse
-    from capsgan_toolkit.evaluation import Evaluator
+    from capsgan_toolkit.evaluation.evaluator import Evaluator
 
     resolved, data, encoder, generator = _evaluator_parts(registry, tmp_path)
     objective = FakeReconstructionGAN(encoder.train(), generator.train(), 10)
@@ -620,7 +620,7 @@ def test_evaluator_scores_what_the_objective_offers_with_catalogue_protocols(reg
 
 def test_evaluator_skips_what_a_generation_only_objective_cannot_give(registry, tmp_path):
     from capsgan_toolkit.catalogue import render_table
-    from capsgan_toolkit.evaluation import Evaluator
+    from capsgan_toolkit.evaluation.evaluator import Evaluator
 
     resolved, data, _, generator = _evaluator_parts(registry, tmp_path)
     evaluator = Evaluator(resolved, registry, objective=FakeDCGAN(generator, (10, 4)), dataset=data, device=CPU)

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from capsgan_toolkit.build import build
+from capsgan_toolkit.recipe.build import build
 from capsgan_toolkit.errors import ContractError, RecipeError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams, Phases
-from capsgan_toolkit.recipe import resolve
+from capsgan_toolkit.recipe.schema import resolve
 from helpers import TINY_RECIPE, invoke, write_toml
 
 DCGAN = {
@@ -177,7 +177,7 @@ class _WrongShapeEncoder(Encoder):
 
 
 def test_a_wrong_shape_encoder_is_named_before_any_run_folder_exists(tmp_path):
-    from capsgan_toolkit.plugin_manager import load_plugins
+    from capsgan_toolkit.plugin.manager import load_plugins
 
     plugins = load_plugins()  # its own: the session's shared plugin set stays as installed
     plugins.registry.current_source = "wrong_shape_test"

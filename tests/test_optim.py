@@ -1,4 +1,4 @@
-"""Learning-rate schedules, gradient clipping and the divergence guard (capsgan_toolkit/optim.py).
+"""Learning-rate schedules, gradient clipping and the divergence guard (capsgan_toolkit/step/optim.py).
 
 Expected values are computed here by hand (plain float64 formulas), never with lr_at.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from capsgan_toolkit.optim import (
+from capsgan_toolkit.step.optim import (
     DivergenceGuard,
     DivergenceSpec,
     OptimizerSpec,

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import capsgan_toolkit
-from capsgan_toolkit import hookspecs
+from capsgan_toolkit.plugin import spec as hookspecs
 from capsgan_toolkit.errors import NameClashError, PluginError, PluginLoadError, RegistryError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams
-from capsgan_toolkit.plugin_manager import STRICT_ENV, load_plugins
-from capsgan_toolkit.registry import PluginOrigin, Registry
+from capsgan_toolkit.plugin.manager import STRICT_ENV, load_plugins
+from capsgan_toolkit.plugin.registry import PluginOrigin, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -369,7 +369,7 @@ def test_registry_create_validates_params(registry):
 
 
 def _hook_names() -> list[str]:
-    """Every hook capsgan_toolkit/hookspecs.py specifies (functions carrying the hookspec marker)."""
+    """Every hook capsgan_toolkit/plugin/spec.py specifies (functions carrying the hookspec marker)."""
     marker = f"{hookspecs.NAME}_spec"
     return sorted(n for n, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, marker))
 
@@ -429,9 +429,9 @@ def test_every_hook_is_tested_and_documented():
 
 
 def test_typed_run_event_hooks_see_training_events(tmp_path, tiny_recipe):
-    from capsgan_toolkit import events as ev
-    from capsgan_toolkit.recipe import resolve
-    from capsgan_toolkit.trainer import Trainer
+    from capsgan_toolkit.plugin import events as ev
+    from capsgan_toolkit.recipe.schema import resolve
+    from capsgan_toolkit.training.trainer import Trainer
 
     seen = []
 

@@ -1,4 +1,4 @@
-"""The trainer's log-interval sums (capsgan_toolkit.training_state.Position): floats and device tensors alike."""
+"""The trainer's log-interval sums (capsgan_toolkit.training.state.Position): floats and device tensors alike."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from capsgan_toolkit.training_state import Position, encoder_diagnostics
+from capsgan_toolkit.training.state import Position, encoder_diagnostics
 
 
 def test_tensor_values_sum_exactly_as_python_floats_and_checkpoint_as_floats():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from capsgan_toolkit.probe import COLUMNS, PERTURBATIONS, _affine, _swap_quadrants, probe, unmeasured
+from capsgan_toolkit.tools.probe import COLUMNS, PERTURBATIONS, _affine, _swap_quadrants, probe, unmeasured
 from helpers import TINY_RECIPE, invoke, write_toml
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from capsgan_toolkit.errors import RecipeError
-from capsgan_toolkit.recipe import apply_overrides, dumps_toml, load_recipe, parse_override, resolve
+from capsgan_toolkit.recipe.schema import apply_overrides, dumps_toml, resolve_file, parse_override, resolve
 
 from helpers import write_toml
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _error(recipe_dict, registry, tmp_path, overrides=()):
     path = write_toml(tmp_path / "r.toml", recipe_dict)
     with pytest.raises(RecipeError) as info:
-        load_recipe(path, registry, list(overrides))
+        resolve_file(path, registry, list(overrides))
     text = str(info.value)
     assert path in text
     return text
@@ -27,7 +27,7 @@ def _error(recipe_dict, registry, tmp_path, overrides=()):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.toml")
                                            if not p.name.startswith("compare_")))  # those are comparison specs
 def test_shipped_recipes_validate(recipe, registry):
-    resolved = load_recipe(ROOT / "recipes" / recipe, registry)
+    resolved = resolve_file(ROOT / "recipes" / recipe, registry)
     assert resolved.recipe.run.epochs >= 1
 
 
@@ -88,17 +88,17 @@ def test_malformed_toml_gives_line_and_column(registry, tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[run]\nepochs = = 3\n", encoding="utf-8")
     with pytest.raises(RecipeError, match=r"broken.toml: not valid TOML.*line 2, column"):
-        load_recipe(path, registry)
+        resolve_file(path, registry)
 
 
 def test_missing_file(registry, tmp_path):
     with pytest.raises(RecipeError, match="no such recipe file"):
-        load_recipe(tmp_path / "nope.toml", registry)
+        resolve_file(tmp_path / "nope.toml", registry)
 
 
 def test_overrides_are_applied_and_validated(tiny_recipe, registry, tmp_path):
     path = write_toml(tmp_path / "r.toml", tiny_recipe)
-    resolved = load_recipe(path, registry, ["run.epochs=7", "encoder.dropout=0.25", "run.name=other"])
+    resolved = resolve_file(path, registry, ["run.epochs=7", "encoder.dropout=0.25", "run.name=other"])
     assert resolved.recipe.run.epochs == 7 and resolved.params["encoder"].dropout == 0.25
     assert resolved.recipe.run.name == "other"  # bare words are taken as strings
     text = _error(tiny_recipe, registry, tmp_path, ["encoder.channels=-3"])

@@ -33,10 +33,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from capsgan_toolkit import checkpoint as ckpt
-from capsgan_toolkit.cli import cli
+from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.cli.main import cli
 from capsgan_toolkit.errors import CheckpointError
-from capsgan_toolkit.reporting import read_metrics
+from capsgan_toolkit.rundir.reporting import read_metrics
 
 from helpers import TINY_RECIPE, write_toml
 
@@ -316,7 +316,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(referenc
 
 def _crash_on(monkeypatch, name: str | None):
     """Make the trainer die like a killed process when it first saves ``name`` (None: any checkpoint)."""
-    from capsgan_toolkit.trainer import Trainer
+    from capsgan_toolkit.training.trainer import Trainer
 
     original = Trainer.save
 

@@ -32,11 +32,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from capsgan_toolkit import checkpoint as ckpt
+from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.errors import CheckpointError, RecipeError
-from capsgan_toolkit.plugin_manager import load_plugins
-from capsgan_toolkit.recipe import SLOTS as RECIPE_SLOTS
-from capsgan_toolkit.recipe import ComponentSpec, Recipe, dumps_toml, load_recipe, resolve
+from capsgan_toolkit.plugin.manager import load_plugins
+from capsgan_toolkit.recipe.schema import SLOTS as RECIPE_SLOTS
+from capsgan_toolkit.recipe.schema import ComponentSpec, Recipe, dumps_toml, resolve_file, resolve
 
 from helpers import TINY_RECIPE, write_toml
 from helpers import invoke as _invoke
@@ -244,7 +244,7 @@ def test_damaged_toml_gives_a_clean_error_with_line_and_column(tmp_path):
         path.write_bytes(text.encode("utf-8", "surrogatepass"))
         TALLY["malformed recipes"] += 1
         try:
-            load_recipe(path, _REGISTRY)
+            resolve_file(path, _REGISTRY)
         except RecipeError as exc:
             message = str(exc)
             assert message.startswith(str(path)), message
@@ -348,7 +348,7 @@ def test_resume_needs_a_run_folder_and_contradicting_flags_are_refused(tmp_path)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, plugins):
     """A real checkpoint of the tiny recipe (built, not trained: the contents are what matter)."""
-    from capsgan_toolkit.trainer import Trainer
+    from capsgan_toolkit.training.trainer import Trainer
 
     resolved = resolve(copy.deepcopy(TINY_RECIPE), plugins.registry, source="tiny.toml")
     run_dir = tmp_path_factory.mktemp("ckpt")
@@ -441,7 +441,7 @@ def test_other_format_versions_are_refused_naming_both_versions(tmp_path):
     (lambda r: (r.pop("discriminator"), r["losses"].pop("adversarial")), "holds models"),
 ])
 def test_checkpoint_from_another_recipe_is_refused(trained, plugins, tmp_path, change, expected):
-    from capsgan_toolkit.trainer import Trainer
+    from capsgan_toolkit.training.trainer import Trainer
 
     recipe = copy.deepcopy(TINY_RECIPE)
     change(recipe)

@@ -16,10 +16,10 @@ import pytest
 from capsgan_toolkit import testing as kit
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.interfaces import DatasetParams, EncoderParams, Params
-from capsgan_toolkit.plugin_manager import load_plugins
-from capsgan_toolkit.recipe import load_recipe
-from capsgan_toolkit.scaffold import FAMILIES, new_plugin
-from capsgan_toolkit.scaffold_templates import RECIPE_TABLES, TEST_PARAMS
+from capsgan_toolkit.plugin.manager import load_plugins
+from capsgan_toolkit.recipe.schema import resolve_file
+from capsgan_toolkit.tools.scaffold import FAMILIES, new_plugin
+from capsgan_toolkit.tools.scaffold_templates import RECIPE_TABLES, TEST_PARAMS
 from helpers import invoke
 
 FAST = ["run.device=cpu", "run.epochs=1", "run.steps_per_epoch=2", "data.num_train=64", "data.num_test=32",
@@ -92,7 +92,7 @@ def test_every_family_gets_a_component_that_passes_the_kit_and_a_recipe_that_val
     assert comp.cls.__module__ == module.__name__
     assert issubclass(comp.params_model, _BASES.get(family, Params))
     kit.check_component(family, comp.cls, TEST_PARAMS.get(family))
-    resolved = load_recipe(folder / "recipes" / f"{name}_quickstart.toml", plugins.registry, FAST)
+    resolved = resolve_file(folder / "recipes" / f"{name}_quickstart.toml", plugins.registry, FAST)
     key = RECIPE_TABLES[family][0]
     assert resolved.recipe.spec(key).plugin == name
 
@@ -171,13 +171,13 @@ def narrow(monkeypatch):
     """The CLI's console at 80 columns, as in a terminal with COLUMNS=80."""
     from rich.console import Console
 
-    import capsgan_toolkit.cli as cli_module
+    import capsgan_toolkit.cli.main as cli_module
 
     monkeypatch.setattr(cli_module, "console", Console(width=80))
 
 
 def test_plugins_shows_every_param_with_its_default_and_constraints_at_80_columns(narrow):
-    import capsgan_toolkit.cli as cli_module
+    import capsgan_toolkit.cli.main as cli_module
 
     result = invoke("plugins")
     assert result.exit_code == 0, result.output

@@ -7,7 +7,7 @@ import torch
 from helpers import invoke, tiny_recipe, write_toml
 
 from capsgan_toolkit import api
-from capsgan_toolkit.checkpoint import load_checkpoint
+from capsgan_toolkit.rundir.checkpoint import load_checkpoint
 
 
 def _train(tmp_path, name: str, **speed) -> dict:
@@ -30,8 +30,8 @@ def test_channels_last_trains_the_same_weights_up_to_rounding(tmp_path):
 
 
 def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path):
-    from capsgan_toolkit.build import build
-    from capsgan_toolkit.speed import Speed, SpeedSection
+    from capsgan_toolkit.recipe.build import build
+    from capsgan_toolkit.step.speed import Speed, SpeedSection
 
     plugins, resolved = api.load_recipe(write_toml(tmp_path / "r.toml", tiny_recipe()))
     built = build(resolved, plugins)
@@ -43,7 +43,7 @@ def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path):
 
 
 def test_bf16_autocast_runs_forward_passes_in_bfloat16_and_keeps_weights_float32(tmp_path):
-    from capsgan_toolkit.speed import Speed, SpeedSection
+    from capsgan_toolkit.step.speed import Speed, SpeedSection
 
     speed = Speed(SpeedSection(precision="bf16"), torch.device("cpu"), type("B", (), {"modules": lambda self: {}})())
     layer = torch.nn.Linear(4, 4)
@@ -99,7 +99,7 @@ def _raise_from(filename: str, exc: BaseException):
 ])
 def test_a_failure_inside_torch_compile_becomes_a_clear_error(compile_on, filename, translated):
     from capsgan_toolkit.errors import CapsganError
-    from capsgan_toolkit.speed import Speed, SpeedSection
+    from capsgan_toolkit.step.speed import Speed, SpeedSection
 
     class Built:
         def modules(self):

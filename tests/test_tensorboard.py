@@ -10,8 +10,8 @@ import pytest
 
 from capsgan_toolkit import api
 from capsgan_toolkit.errors import RecipeError
-from capsgan_toolkit.events import EpochEnd, RunEnd, RunStart
-from capsgan_toolkit.recipe import resolve
+from capsgan_toolkit.plugin.events import EpochEnd, RunEnd, RunStart
+from capsgan_toolkit.recipe.schema import resolve
 from helpers import tiny_recipe, write_toml
 
 pytest.importorskip("tensorboard", reason='the tensorboard package is not installed (pip install "capsgan-toolkit[test]")')

@@ -26,7 +26,7 @@ from capsgan_toolkit.interfaces import (
     AdversarialLoss, ClassificationLoss, DatasetParams, Discriminator, Encoder, EncoderParams, Gate, Generator, Params,
     Phases, ReconstructionLoss,
 )
-from capsgan_toolkit.plugin_manager import load_plugins
+from capsgan_toolkit.plugin.manager import load_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "capsgan-example-encoder"

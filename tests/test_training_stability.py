@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from capsgan_toolkit import checkpoint as ckpt
-from capsgan_toolkit.reporting import read_metrics
+from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.rundir.reporting import read_metrics
 from helpers import TINY_RECIPE, invoke, write_toml
 
 

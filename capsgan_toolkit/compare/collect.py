@@ -18,21 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capsgan_toolkit.catalogue import COST_KEYS
 from capsgan_toolkit.compare.spec import CompareError
-from capsgan_toolkit.rundir import RunDir
+from capsgan_toolkit.rundir.folder import RunDir
 
 PROTOCOL_IGNORED = ("every_epochs", "cache_dir", "batch_size")
 """``[eval]`` keys that do not change what a number means (when, where cached, batching)."""
 
-COST_PROTOCOL = {
-    "images_per_s": "training images per second, mean over the logged intervals (summary.json)",
-    "train_time_s": "wall-clock seconds of training, evaluation excluded (summary.json)",
-    "seconds_per_epoch": "seconds of training per epoch (summary.json; train_time_s / epochs when absent)",
-    "peak_memory_bytes": ("peak memory: CUDA max allocated on a GPU, the training process's max RSS on a CPU "
-                          "(summary.json)"),
-    "parameters": "trainable and frozen parameters of the part (summary.json)",
-    "flops_per_image": "forward FLOPs per image of the part, torch.utils.flop_counter (summary.json)",
-}
+COST_PROTOCOL = {stem: key.quantity for stem, key in COST_KEYS.items()}
+"""Cost row stem -> how it was measured (from the metric catalogue)."""
 
 
 def _number(value: Any) -> float | None:
@@ -161,7 +155,8 @@ def fairness_recipe(record: RunRecord) -> dict[str, Any]:
 
 def protocol_differences(records: list[RunRecord]) -> list[str]:
     """Return ``key: run=value, ...`` lines for each ``[eval]`` key the runs were evaluated with differently."""
-    from capsgan_toolkit.compare.fairness import flatten, show
+    from capsgan_toolkit.compare.fairness import show
+    from capsgan_toolkit.recipe.diff import flatten
 
     tables = {}
     for rec in records:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capsgan_toolkit.compare.spec import CompareError
+from capsgan_toolkit.recipe.diff import ABSENT, PER_RUN, flatten, under
 
 MEANT = ("encoder", "objective", "generator", "discriminator", "losses", "optim", "gate")
 MEANT_KEYS = ("run.name",)
@@ -28,36 +29,17 @@ MUST_MATCH = ("data",)
 MUST_MATCH_KEYS = ("run.epochs", "run.steps_per_epoch", "run.max_steps", "run.max_minutes", "run.seed")
 INCIDENTAL_EVAL = ("eval.every_epochs", "eval.cache_dir", "eval.batch_size")
 ALIASES = {"seeds": "run.seed", "seed": "run.seed", "image_size": "data.image_size", "batch_size": "data.batch_size"}
-ABSENT = "(absent)"
-PER_RUN = ("run.seed", "run.name", "run.device")
-"""Keys expected to vary between the runs of one arm."""
-
-
-def _under(key: str, table: str) -> bool:
-    return key == table or key.startswith(table + ".")
 
 
 def category(key: str) -> str:
     """Return "meant", "must_match" or "other" for a dotted recipe key."""
-    if key in MEANT_KEYS or any(_under(key, t) for t in MEANT):
+    if key in MEANT_KEYS or any(under(key, t) for t in MEANT):
         return "meant"
-    if key in MUST_MATCH_KEYS or any(_under(key, t) for t in MUST_MATCH):
+    if key in MUST_MATCH_KEYS or any(under(key, t) for t in MUST_MATCH):
         return "must_match"
-    if _under(key, "eval") and not any(_under(key, t) for t in INCIDENTAL_EVAL):
+    if under(key, "eval") and not any(under(key, t) for t in INCIDENTAL_EVAL):
         return "must_match"
     return "other"
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested tables into dotted keys (lists stay values)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
 
 
 def show(value: Any) -> str:
@@ -133,7 +115,7 @@ class Fairness:
 def is_allowed(key: str, allow: list[str]) -> bool:
     for entry in allow:
         entry = ALIASES.get(entry, entry).removesuffix(".*").rstrip(".")
-        if _under(key, entry):
+        if under(key, entry):
             return True
     return False
 

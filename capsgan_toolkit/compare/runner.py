@@ -35,11 +35,12 @@ from typing import Any
 
 from capsgan_toolkit.compare.collect import (PROTOCOL_IGNORED, fairness_recipe, protocol_differences, read_probe,
                                              read_run)
-from capsgan_toolkit.compare.fairness import Fairness, compare_recipes, flatten
+from capsgan_toolkit.compare.fairness import Fairness, compare_recipes
 from capsgan_toolkit.compare.spec import ArmSpec, CompareError, LoadedSpec
-from capsgan_toolkit.rundir import RunDir
+from capsgan_toolkit.progress import rich_bars
+from capsgan_toolkit.recipe.diff import RERUN_IGNORED, recipe_diff
+from capsgan_toolkit.rundir.folder import RunDir
 
-STALE_IGNORED = ("eval.", "run.device", "run.threads")
 """Keys a finished run may differ in from the spec and still be reused (evaluation, placement)."""
 
 
@@ -109,14 +110,7 @@ def device_setup(device: str | None, jobs: int) -> tuple[list[str], dict[str, st
 
 def stale_keys(trained: dict[str, Any], desired: dict[str, Any]) -> list[str]:
     """Return ``key: trained -> spec`` for each key where a trained run's recipe differs from the spec's."""
-    old, new = flatten(trained), flatten(desired)
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in STALE_IGNORED):
-            continue
-        if old.get(key, "(absent)") != new.get(key, "(absent)"):
-            out.append(f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
-    return out
+    return [str(change) for change in recipe_diff(trained, desired, ignore=RERUN_IGNORED)]
 
 
 def _eval_table(table: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -153,7 +147,7 @@ def needs_probe(rd: RunDir, images: int | None) -> str | None:
 
 def probe_run(run_dir: Path, images: int) -> None:
     """Probe one finished run (probe.json, probe.png), as ``capsgan probe RUN_DIR --n images`` does."""
-    from capsgan_toolkit import probe
+    from capsgan_toolkit.tools import probe
 
     probe.write_probe(run_dir, n=images)
 
@@ -246,11 +240,8 @@ class Runner:
         return self.write_report()
 
     def _progress(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        return Progress(TextColumn("[bold]compare[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.description}"), console=self.console, disable=self.console is None,
-                        transient=False)
+        return rich_bars(self.console, "{task.description}", head="[bold]compare[/]", remaining=False,
+                         disable=self.console is None, transient=False)
 
     def _say(self, text: str) -> None:
         if self.console is not None:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from capsgan_toolkit.errors import CapsganError
-from capsgan_toolkit.toml_io import read_toml, toml_value
+from capsgan_toolkit.recipe.toml_io import read_toml, toml_value
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

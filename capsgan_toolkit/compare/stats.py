@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from capsgan_toolkit import catalogue
+
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -190,51 +192,10 @@ def paired(arm: dict[Any, float], baseline: dict[Any, float], direction: str | N
 
 # ------------------------------------------------------------------ directions
 
-_LOWER = ("fid", "kid", "mse")
-_HIGHER = ("is", "acc", "psnr", "ssim", "precision", "recall", "condacc")
-_NAMED = {
-    "test_acc": "higher", "best_test_acc": "higher", "images_per_s": "higher", "test_recon_mse": "lower",
-    "train_time_s": "lower", "seconds_per_epoch": "lower", "peak_memory_bytes": "lower",
-}
-_PATTERN = re.compile(r"^(?:gen_|rec_|test_)?(" + "|".join(sorted(_LOWER + _HIGHER, key=len, reverse=True))
-                      + r")(?=\d|_|$)")
-
 
 def direction(key: str) -> str | None:
-    """Return "lower" or "higher" (which is better) for a metric name; ``None`` when unknown.
+    """Return "lower" or "higher" (which is better) for a metric or cost key; ``None`` when unknown.
 
-    The metric catalogue (``capsgan_toolkit.catalogue.direction``) is asked first; names it
-    does not know fall back to their prefix (fid/kid/mse lower; is/acc/psnr/ssim/precision/
-    recall/condacc higher) and to the cost names (parameters, FLOPs, time, memory lower;
-    images/s higher).
+    The one table of directions is the metric catalogue (:func:`capsgan_toolkit.catalogue.direction`).
     """
-    try:
-        from capsgan_toolkit.catalogue import direction as catalogue_direction
-    except ImportError:
-        catalogue_direction = None
-    if catalogue_direction is not None:
-        try:
-            found = _normalise(catalogue_direction(key))
-        except (KeyError, LookupError, ValueError):
-            found = None
-        if found:
-            return found
-    if key in _NAMED:
-        return _NAMED[key]
-    if key.startswith(("parameters.", "flops_per_image.")):
-        return "lower"
-    match = _PATTERN.match(key)
-    if match:
-        return "lower" if match.group(1) in _LOWER else "higher"
-    return None
-
-
-def _normalise(value) -> str | None:
-    if value is None:
-        return None
-    text = str(getattr(value, "value", value)).lower()
-    if "lower" in text or text in ("min", "minimize", "-1"):
-        return "lower"
-    if "higher" in text or text in ("max", "maximize", "1"):
-        return "higher"
-    return None
+    return catalogue.direction(key, None)

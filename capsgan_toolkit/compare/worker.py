@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
     from capsgan_toolkit import api
     from capsgan_toolkit.compare.runner import needs_evaluation, needs_probe, probe_run
     from capsgan_toolkit.errors import CapsganError
-    from capsgan_toolkit.rundir import RunDir
+    from capsgan_toolkit.rundir.folder import RunDir
 
     try:
         for step in json.loads(argv[0]):

@@ -1,0 +1,1 @@
+"""The ``capsgan`` command, one module per command group."""

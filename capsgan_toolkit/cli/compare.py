@@ -1,0 +1,73 @@
+"""``capsgan compare``: train and compare a spec's arms, or compare run folders that exist.
+
+Two forms::
+
+    capsgan compare SPEC.toml --out DIR        # train every arm x seed, evaluate, report
+    capsgan compare RUN_DIR RUN_DIR ... --out DIR   # report on runs that exist (one protocol)
+
+Both write DIR/compare.json, DIR/compare.md and DIR/compare.html and print the table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from capsgan_toolkit.cli.common import friendly, option
+from capsgan_toolkit.compare.runner import Runner, parse_shard
+from capsgan_toolkit.compare.runs import compare_runs
+from capsgan_toolkit.compare.spec import CompareError, load_spec
+
+
+@click.command("compare")
+@click.argument("sources", nargs=-1, required=True, metavar="SPEC.toml | RUN_DIR...")
+@option("--out", type=click.Path(file_okay=False), default=None,
+        help="Comparison folder (default: compare/<spec name>, or compare/report for run folders).")
+@option("--allow-difference", "allow", multiple=True, metavar="KEY",
+        help="Let the arms differ in KEY (or a table such as data) although a fair comparison needs it equal; "
+             "shown in red in every output.")
+@option("--baseline", default=None, help="Baseline arm (default: the spec's; for run folders: the first arm).")
+@option("--arm", "arm_labels", multiple=True, metavar="LABEL", help="Only these arms of the spec (and the baseline).")
+@option("--with-optional", is_flag=True, default=False, help="Also run the spec's optional arms.")
+@option("--jobs", type=click.IntRange(min=1), default=1, help="Runs at once (each run is its own worker process).")
+@option("--devices", default=None, metavar="D1,D2,...",
+        help="Devices handed to the runs in turn: cpu, cuda, cuda:0, cuda:1, mps (default: each recipe's run.device).")
+@option("--shard", default=None, metavar="K/N",
+        help="Run only the K-th of N slices of the sorted grid (array jobs); no report until a plain re-run.")
+@option("--quiet", is_flag=True, default=False, help="No progress bar or table.")
+@click.option("--in-process", is_flag=True, default=False, hidden=True,
+              help="Train in this process (tests, debugging); peak memory then accumulates over runs.")
+@friendly(aborted="finished runs and checkpoints are kept; run the same command again to continue.")
+def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jobs, devices, shard, quiet,
+                    in_process):
+    """Compare arms under one budget, seeds and protocol: train (SPEC.toml) or read (RUN_DIRs), then report.
+
+    With a spec, every arm x seed is trained into OUT/runs/<arm>/seed-<k>/ and evaluated;
+    re-running reuses finished runs, resumes unfinished ones and re-evaluates only what the
+    protocol changed. With run folders (LABEL=RUN_DIR names an arm), they are compared as they are.
+    """
+    console = None if quiet else Console()
+    first = Path(sources[0])
+    if len(sources) == 1 and first.suffix == ".toml" and not first.is_dir():
+        loaded = load_spec(first)
+        if baseline is not None:
+            if baseline not in [a.label for a in loaded.spec.arms]:
+                raise CompareError(f"--baseline {baseline}: no such arm in {first}.")
+            loaded.spec.baseline = baseline
+        arms = loaded.spec.selected(tuple(arm_labels), with_optional)
+        device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
+        runner = Runner(loaded, Path(out) if out else Path("compare") / first.stem, arms=arms, allow=list(allow),
+                        jobs=jobs, devices=device_list, part=parse_shard(shard), console=console,
+                        in_process=in_process)
+        runner.run()
+        return
+    if any(Path(s).suffix == ".toml" for s in sources if not Path(s).is_dir()):
+        raise CompareError("Give either one comparison spec (a .toml file) or run folders, not both.")
+    for name, value in (("--arm", arm_labels), ("--with-optional", with_optional), ("--shard", shard),
+                        ("--devices", devices), ("--jobs", jobs > 1)):
+        if value:
+            raise CompareError(f"{name} applies to a comparison spec, not to existing run folders.")
+    compare_runs(list(sources), Path(out) if out else Path("compare") / "report", baseline=baseline,
+                 allow=list(allow), console=console)

@@ -1,0 +1,1 @@
+"""Evaluation: the evaluator, image scores, the latent prior and its fitting, FLOP counting."""

@@ -1,0 +1,1 @@
+"""Plugin machinery: hook specifications, run events, the registry and its families, plugin loading."""

@@ -1,0 +1,50 @@
+"""Hook specifications: the contract between the engine and every plugin.
+
+One name, ``capsgan``, is used for the plugin manager, the hook markers and the
+entry-point group, so a third-party package needs only::
+
+    [project.entry-points.capsgan]
+    my_encoder = "my_package.my_module"
+
+and, in that module, functions decorated with :data:`capsgan_toolkit.hookimpl`.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+NAME = "capsgan"
+"""Project name: plugin manager, hook markers and entry-point group."""
+
+hookspec = pluggy.HookspecMarker(NAME)
+hookimpl = pluggy.HookimplMarker(NAME)
+
+
+@hookspec
+def capsgan_register(registry):  # pragma: no cover - specification only
+    """Add named components to the registry's families."""
+
+
+@hookspec
+def capsgan_run_start(event):  # pragma: no cover - specification only
+    """Observe the start (or resume) of training; ``event`` is a :class:`~capsgan_toolkit.plugin.events.RunStart`."""
+
+
+@hookspec
+def capsgan_epoch_end(event):  # pragma: no cover - specification only
+    """Observe the end of an epoch; ``event`` is an :class:`~capsgan_toolkit.plugin.events.EpochEnd`."""
+
+
+@hookspec
+def capsgan_checkpoint_saved(event):  # pragma: no cover - specification only
+    """Observe a checkpoint written; ``event`` is a :class:`~capsgan_toolkit.plugin.events.CheckpointSaved`."""
+
+
+@hookspec
+def capsgan_evaluation_done(event):  # pragma: no cover - specification only
+    """Observe an evaluation's results; ``event`` is an :class:`~capsgan_toolkit.plugin.events.EvaluationDone`."""
+
+
+@hookspec
+def capsgan_run_end(event):  # pragma: no cover - specification only
+    """Observe the end of training; ``event`` is a :class:`~capsgan_toolkit.plugin.events.RunEnd`."""

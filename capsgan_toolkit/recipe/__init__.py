@@ -1,0 +1,1 @@
+"""Recipes: the schema, TOML reading and writing, and building components from a recipe."""

@@ -1,0 +1,1 @@
+"""Run folders: the folder object, checkpoint files, logs and pictures."""

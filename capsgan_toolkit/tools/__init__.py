@@ -1,0 +1,1 @@
+"""Tools built on the API: bench, probe, sampling pictures, the plugin scaffold."""

@@ -1,0 +1,1 @@
+"""The training loop: trainer, checkpointing, stepping, position and RNG state, the monitor."""

@@ -1,0 +1,242 @@
+"""What a training run shows and measures besides the step: per-epoch metrics, pictures, progress, summary.
+
+The :class:`Monitor` belongs to one :class:`~capsgan_toolkit.training.trainer.Trainer`. It never
+touches the global random state (evaluation runs under ``fork_rng``), so a run that is
+watched closely trains exactly as one that is not.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+import torch
+
+from capsgan_toolkit.recipe.build import count_parameters
+from capsgan_toolkit.data import batch_loader, class_balanced_indices, split_labels
+from capsgan_toolkit.step.ema import averaged
+from capsgan_toolkit.plugin.events import EvaluationDone, emit
+from capsgan_toolkit.progress import rich_bars
+from capsgan_toolkit.rundir.reporting import plot_curves, read_metrics, save_grid, save_pairs, save_traversal
+
+
+class Monitor:
+    """Per-epoch measurements, sample pictures, periodic evaluation, progress and the summary."""
+
+    def __init__(self, trainer):
+        self.t = trainer
+        self.recipe = trainer.recipe
+        self.console = trainer.console
+        self._evaluator = None
+        test = trainer.test_set
+        labels = split_labels(test, 4096)  # read from the labels tensor where there is one: no image decoding
+        self.sample_indices = class_balanced_indices(labels, self.recipe.output.sample_images)
+
+    # ------------------------------------------------------------------ per epoch
+
+    @torch.no_grad()
+    def _accuracy_and_mse(self, dataset, limit_batches: int = 0) -> dict[str, float]:
+        from capsgan_toolkit.evaluation.scores import recon_mse01
+
+        obj, device = self.t.objective, self.t.device
+        correct = total = 0
+        sq = 0.0
+        loader = batch_loader(dataset, batch_size=max(self.t.batch_size, 64))
+        for i, (images, labels) in enumerate(loader):
+            if limit_batches and i >= limit_batches:
+                break
+            images, labels = images.to(device), labels.to(device)
+            if obj.has_classifier:
+                correct += (obj.classify(images).argmax(1) == labels).sum().item()
+            if obj.has_reconstruction:
+                sq += recon_mse01(obj.reconstruct(images), images).sum().item()
+            total += labels.numel()
+        out = {}
+        if obj.has_classifier:
+            out["acc"] = correct / max(total, 1)
+        if obj.has_reconstruction:
+            out["rec_mse01"] = sq / max(total, 1)
+        return out
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Return test accuracy / reconstruction MSE (and validation accuracy) of the current models."""
+        obj = self.t.objective
+        obj.eval()
+        try:
+            limit = self.recipe.run.eval_batches
+            row = {f"test_{k}": v for k, v in self._accuracy_and_mse(self.t.test_set, limit).items()}
+            if self.t.val_set is not None and obj.has_classifier:
+                row["val_acc"] = self._accuracy_and_mse(self.t.val_set, limit).get("acc")
+        finally:
+            obj.train()
+        return row
+
+    @torch.no_grad()
+    def save_samples(self, epoch: int):
+        """Save real test images of every class above their reconstructions, or a grid of new images.
+
+        With ``[ema]`` the averaged weights make the picture (swapped in and back out).
+        """
+        obj, device, path = self.t.objective, self.t.device, self.t.rd.sample_file(epoch)
+        images = torch.stack([self.t.test_set[i][0] for i in self.sample_indices]).to(device)
+        labels = torch.tensor([int(self.t.test_set[i][1]) for i in self.sample_indices], device=device)
+        obj.eval()
+        try:
+            with averaged(getattr(self.t, "ema", None)):
+                if obj.has_reconstruction:
+                    return save_pairs(images, obj.reconstruct(images), path, min_cell=64)  # big enough to see
+                if obj.has_generation:
+                    fixed = torch.Generator().manual_seed(self.recipe.run.seed + 12345)  # the same noise every epoch
+                    fake = obj.generate(labels.cpu(), fixed)
+                    scale = max(1, -(-64 // fake.shape[-1]))  # cells of at least 64 px, to be seen
+                    fake = torch.nn.functional.interpolate(fake, scale_factor=scale, mode="nearest")
+                    return save_grid(fake, path, nrow=min(8, fake.shape[0]))
+        finally:
+            obj.train()
+        return None
+
+    @torch.no_grad()
+    def histograms(self) -> dict[str, list[float]]:
+        """Return the class capsules' lengths on the sample test images (all, and the true class's)."""
+        encoder = self.t.built.parts.encoder
+        if encoder is None or not self.sample_indices:
+            return {}
+        images = torch.stack([self.t.test_set[i][0] for i in self.sample_indices]).to(self.t.device)
+        labels = torch.tensor([int(self.t.test_set[i][1]) for i in self.sample_indices])
+        mode = encoder.training
+        encoder.eval()
+        try:
+            with averaged(getattr(self.t, "ema", None)):
+                lengths = encoder.class_scores(encoder(images)).float().cpu()
+        finally:
+            encoder.train(mode)
+        return {"capsule_length": lengths.flatten().tolist(),
+                "capsule_length_true_class": lengths.gather(1, labels[:, None]).flatten().tolist()}
+
+    def save_traversal(self):
+        p = self.t.built.parts
+        if p.encoder is None or p.generator is None or not self.t.objective.has_reconstruction:
+            return None
+        batch = torch.stack([self.t.test_set[i][0] for i in self.sample_indices[:2]]).to(self.t.device)
+        with averaged(getattr(self.t, "ema", None)):
+            return save_traversal(p.encoder, p.generator, batch, self.t.rd.traversal_file)
+
+    def plot(self) -> None:
+        plot_curves(read_metrics(self.t.rd.metrics_file), self.t.rd.curves_file, title=self.recipe.run.name)
+
+    def periodic_evaluation(self, epoch: int, step: int) -> dict[str, Any] | None:
+        """Evaluate when ``eval.every_epochs`` says so; append a row of kind "eval" and emit the event."""
+        ev, done = self.recipe.eval, epoch + 1
+        if not ev.every_epochs or not ev.metrics or (done % ev.every_epochs and done != self.recipe.run.epochs):
+            return None
+        from capsgan_toolkit.evaluation.scores import fork_rng
+
+        with fork_rng(self.t.device):  # building extractors may draw weights: not from the run's RNG
+            if self._evaluator is None:  # one per run: extractors are prepared once
+                from capsgan_toolkit.evaluation.evaluator import Evaluator
+
+                self._evaluator = Evaluator(self.t.resolved, self.t.plugins.registry, objective=self.t.objective,
+                                            dataset=self.t.built.dataset, device=self.t.device,
+                                            progress=self.console)
+            with averaged(getattr(self.t, "ema", None)):  # the averaged weights, when the run keeps them
+                report = self._evaluator.run()
+        row = {"kind": "eval", "epoch": epoch, "step": step, **report.metrics}
+        self.t.metrics.append(row)
+        self.t.rd.write_eval_protocol({"epoch": epoch, "step": step, **report.to_dict()})
+        emit(self.t.plugins.manager, EvaluationDone(self.t.rd.path, epoch, step, dict(report.metrics),
+                                                     dict(report.protocol)))
+        if self.console is not None:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in report.metrics.items())
+            self.console.print(f"  eval: {shown}", highlight=False)
+        return row
+
+    def log_interval(self, phases) -> dict[str, Any]:
+        """Append the "train" row of the log interval that just ended (means of its steps) and start a new one."""
+        pos, acc = self.t.pos, self.t.pos.interval
+        row: dict[str, Any] = {"kind": "train", "epoch": pos.epoch, "step": pos.step,
+                               "encoder_acc": pos.encoder_acc.value, "disc_acc": pos.disc_acc.value,
+                               "gate": phases.label(), "skipped_steps": pos.skipped_steps,
+                               **pos.means(), **self.t.opt.learning_rates()}
+        row["images_per_s"] = acc["images"] / acc["time"] if acc["time"] > 0 else None
+        self.t.metrics.append(row)
+        pos.reset_interval()
+        return row
+
+    # ------------------------------------------------------------------ people
+
+    def progress(self):
+        if self.console is None:
+            return _NullProgress()
+        return rich_bars(self.console, "{task.fields[status]}", head="[bold]{task.description}", transient=False,
+                         disable=not self.console.is_terminal)
+
+    @staticmethod
+    def status(row: dict[str, Any]) -> str:
+        parts = []
+        if row.get("loss_classification") is not None:
+            parts.append(f"cls {row['loss_classification']:.3f}")
+        if row.get("encoder_acc") is not None:
+            parts.append(f"acc {row['encoder_acc']:.2f}")
+        if row.get("loss_reconstruction") is not None:
+            parts.append(f"rec {row['loss_reconstruction']:.3f}")
+        if row.get("loss_adversarial") is not None:
+            parts.append(f"adv {row['loss_adversarial']:.3f}")
+        if row.get("disc_acc") is not None:
+            parts.append(f"D acc {row['disc_acc']:.2f}")
+        parts.append(row["gate"])
+        return " | ".join(parts)
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False)
+
+    def say_epoch(self, row: dict[str, Any]) -> None:
+        if self.console is None:
+            return
+        shown = [f"epoch {row['epoch'] + 1}/{self.recipe.run.epochs}", f"step {row['step']}"]
+        for key, label in (("test_acc", "test acc"), ("val_acc", "val acc"), ("test_rec_mse01", "recon mse"),
+                           ("encoder_acc", "train acc"), ("disc_acc", "D acc")):
+            if row.get(key) is not None:
+                shown.append(f"{label} {row[key]:.3f}")
+        self.console.print("  ".join(shown) + f"  ({row['time_s']:.0f}s)", highlight=False)
+
+    def summary(self) -> dict[str, Any]:
+        t = self.t
+        rows = read_metrics(t.rd.metrics_file)
+        epochs = [r for r in rows if r.get("kind") == "epoch"]
+        speeds = [r["images_per_s"] for r in rows if r.get("kind") == "train" and r.get("images_per_s")]
+        last = epochs[-1] if epochs else {}
+        peak = (torch.cuda.max_memory_allocated() if t.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return {
+            "name": self.recipe.run.name, "objective": self.recipe.objective.plugin,
+            "epochs": t.pos.epoch, "steps": t.pos.step,
+            "test_acc": last.get("test_acc"), "test_rec_mse01": last.get("test_rec_mse01"),
+            "best_val_acc": t.pos.best_val_acc if t.pos.best_val_acc >= 0 else None,
+            "train_time_s": t.pos.elapsed,
+            "seconds_per_epoch": t.pos.elapsed / t.pos.epoch if t.pos.epoch else None,
+            "images_per_s": (sum(speeds) / len(speeds)) if speeds else None,
+            "peak_memory_bytes": peak, "device": str(t.device),
+            "parameters": {name: count_parameters(m) for name, m in t.built.modules().items()},
+            "flops_per_image": t.flops_per_image,
+            "skipped_steps": t.pos.skipped_steps,
+            "divergence_events": t.guard.episodes,
+            "stopped_by": t.stopped_by,
+        }
+
+
+class _NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def advance(self, *args, **kwargs):
+        pass
