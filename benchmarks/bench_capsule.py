@@ -56,12 +56,12 @@ if (
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, **TUNING})
 
 import torch  # noqa: E402
-from capsgan_toolkit.evaluation.flops import count_flops  # noqa: E402
 
 from capsgan_plugins import capsule  # noqa: E402
 from capsgan_plugins.capsule import dynamic_routing, squash  # noqa: E402
 from capsgan_plugins.capsule_cpu import keep_freed_memory  # noqa: E402
 from capsgan_plugins.losses import MarginLoss  # noqa: E402
+from capsgan_toolkit.evaluation.flops import count_flops  # noqa: E402
 from capsgan_toolkit.step.optim import OptimizerSpec, build_optimizer  # noqa: E402
 
 MATMUL_SIZE = 2048
@@ -148,7 +148,7 @@ def bench_steps(versions: dict, repeats: int, optimizer: str) -> tuple[dict, flo
             for name, (step, _) in steps.items():
                 best[name] = min(best[name], _timed(step))
             mm = min(mm, _timed(lambda: torch.mm(a, b)))
-        for name, (step, flops) in steps.items():
+        for name, (_step, flops) in steps.items():
             out[case.name, name] = (best[name], flops)
         del steps
     return out, 2 * MATMUL_SIZE**3 / mm

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.utils import save_image
 
-from capsgan_toolkit.tools.bench import build_for_bench
 from capsgan_toolkit.evaluation.scores import ssim
 from capsgan_toolkit.step.optim import lr_multiplier
+from capsgan_toolkit.tools.bench import build_for_bench
 
 
 class _Project(nn.Module):

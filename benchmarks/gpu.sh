@@ -28,7 +28,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 python3 - "$out" <<'PY'
 import json, os, subprocess, sys, time, tomllib
 from pathlib import Path
-from capsgan_toolkit.recipe.schema import dumps_toml
+from capsgan_toolkit.recipe.toml_io import dumps_toml
 
 out = Path(sys.argv[1])
 def recipe(base, name, data, **extra):

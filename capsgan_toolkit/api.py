@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from capsgan_toolkit import __version__
-from capsgan_toolkit.rundir import checkpoint as ckpt
-from capsgan_toolkit.recipe.build import Built, build, pick_device
-from capsgan_toolkit.step.ema import load_averaged
 from capsgan_toolkit.errors import CapsganError, CheckpointError, RecipeError
 from capsgan_toolkit.plugin.manager import PluginSet, load_plugins
-from capsgan_toolkit.recipe.schema import ResolvedRecipe, apply_overrides, read_toml, resolve
+from capsgan_toolkit.recipe.build import Built, build, pick_device
+from capsgan_toolkit.recipe.schema import ResolvedRecipe, apply_overrides, resolve
+from capsgan_toolkit.recipe.toml_io import read_toml
+from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.rundir.folder import RunDir, breaking_changes
+from capsgan_toolkit.step.ema import load_averaged
+
+if TYPE_CHECKING:
+    from capsgan_toolkit.training.trainer import Trainer
 
 
 def load_recipe(path: str | Path, sets=(), *, strict_plugins: bool = False,
@@ -37,15 +42,42 @@ def load_recipe(path: str | Path, sets=(), *, strict_plugins: bool = False,
         strict_plugins: turn a broken plugin or a plugin warning into an error.
         warn: receives one line per broken plugin or plugin warning (``None``: ignored).
     """
-    data = read_toml(path)
-    applied = apply_overrides(data, list(sets))
-    run = data.get("run", {})
-    extra = run.get("plugins", []) if isinstance(run, dict) else []
-    if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
-        raise RecipeError(f"{path}: run.plugins must be a list of module names, got {extra!r}.")
-    plugins = load_plugins(extra, strict=strict_plugins)
-    _report_plugins(plugins, warn)
-    return plugins, resolve(data, plugins.registry, source=str(path), overrides=applied)
+    return _RecipeFile.read(path, sets).load(strict_plugins=strict_plugins, warn=warn)
+
+
+@dataclass
+class _RecipeFile:
+    """A recipe file read once, with its ``--set`` overrides applied: not yet validated.
+
+    :func:`train` reads the file before the process group is joined (``run.device`` picks its
+    backend) and validates the same text after (plugin warnings are shown on rank 0 only).
+    """
+
+    path: str | Path
+    data: dict[str, Any]
+    applied: dict[str, str]
+
+    @classmethod
+    def read(cls, path: str | Path, sets=()) -> _RecipeFile:
+        data = read_toml(path)
+        return cls(path, data, apply_overrides(data, list(sets)))
+
+    @property
+    def device(self) -> str:
+        """``run.device`` as given (for the process-group backend), before the recipe is validated."""
+        run = self.data.get("run", {})
+        return str(run.get("device", "auto")) if isinstance(run, dict) else "auto"
+
+    def load(self, *, strict_plugins: bool = False,
+             warn: Callable[[str], None] | None = None) -> tuple[PluginSet, ResolvedRecipe]:
+        """Load the plugins the recipe names (``run.plugins``) and validate it with them."""
+        run = self.data.get("run", {})
+        extra = run.get("plugins", []) if isinstance(run, dict) else []
+        if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+            raise RecipeError(f"{self.path}: run.plugins must be a list of module names, got {extra!r}.")
+        plugins = load_plugins(extra, strict=strict_plugins)
+        _report_plugins(plugins, warn)
+        return plugins, resolve(self.data, plugins.registry, source=str(self.path), overrides=self.applied)
 
 
 def _report_plugins(plugins: PluginSet, warn) -> None:
@@ -58,7 +90,8 @@ def _report_plugins(plugins: PluginSet, warn) -> None:
 
 
 def train(recipe: str | Path | None = None, *, out: str | Path | None = None, sets=(), resume: bool = False,
-          overwrite: bool = False, console=None, strict_plugins: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, console=None, strict_plugins: bool = False,
+          loaded: tuple[PluginSet, ResolvedRecipe] | None = None) -> dict[str, Any]:
     """Train a recipe into a run folder and return the run's summary.
 
     Args:
@@ -70,13 +103,45 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         overwrite: delete an existing run folder first.
         console: a rich console for progress (``None``: quiet).
         strict_plugins: see :func:`load_recipe`.
+        loaded: what :func:`load_recipe` returned for ``recipe`` and ``sets`` (without ``warn``), when the
+            caller has it already (``capsgan run --resume latest`` needs the run's name first): the recipe
+            is then not read again, and its plugin warnings are shown here.
     """
     from capsgan_toolkit.step import distributed
 
-    dist = distributed.setup(_device_hint(recipe, out, sets))  # torchrun: join the process group (else nothing)
+    resumed = RunDir(out) if resume and out is not None and RunDir(out).is_run() else None  # the run to continue
+    if resumed is not None and resumed.is_finished() and not sets:
+        return resumed.read_summary()
+    recipe_in: _RecipeFile | tuple[PluginSet, ResolvedRecipe]
+    if loaded is not None:
+        recipe_in = loaded
+    else:  # the one read of the recipe file
+        path = (recipe or resumed.recipe_file) if resumed is not None else recipe
+        if path is None:
+            raise CapsganError("Give a RECIPE to train, or --resume RUN_DIR to continue a run.")
+        recipe_in = _RecipeFile.read(path, sets)
+    device = recipe_in.device if isinstance(recipe_in, _RecipeFile) else recipe_in[1].recipe.run.device
+    dist = distributed.setup(device)  # torchrun: join the process group (else nothing)
     try:
-        summary = _train(recipe, out=out, sets=sets, resume=resume, overwrite=overwrite,
-                         console=console if dist.is_main else None, strict_plugins=strict_plugins, dist=dist)
+        console = console if dist.is_main else None
+        warn = None if console is None else (lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False))
+        if isinstance(recipe_in, _RecipeFile):
+            plugins, resolved = recipe_in.load(strict_plugins=strict_plugins, warn=warn)
+        else:
+            plugins, resolved = recipe_in
+            _report_plugins(plugins, warn)
+        if resumed is not None:
+            trainer = _resume(resumed, plugins, resolved, console=console, dist=dist)
+        else:
+            trainer = _start(out, plugins, resolved, overwrite=overwrite, console=console, dist=dist)
+        if console is not None:
+            r = resolved.recipe
+            parts = ", ".join(f"{k} {getattr(r, k).plugin}" for k in ("encoder", "generator", "discriminator")
+                              if getattr(r, k) is not None)
+            console.print(f"Training [bold]{r.run.name}[/] ({r.objective.plugin}: {parts}) on {trainer.device}, data "
+                          f"{r.data.plugin} ({len(trainer.train_set)} train images) -> {trainer.rd.path}",
+                          highlight=False)
+        summary = trainer.fit()
         # The ranks leave the group together, once rank 0 has written the run's last files, rather than
         # the others tearing their group down while rank 0 still works (a 2-process gloo run once
         # aborted in rank 1 at an unknown point; this race is the one the code had).
@@ -86,69 +151,48 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         distributed.teardown()
 
 
-def _device_hint(recipe, out, sets) -> str:
-    """Return ``run.device`` as given (for the process-group backend), before the recipe is validated."""
-    for text in sets:
-        if text.replace(" ", "").startswith("run.device="):
-            return text.split("=", 1)[1].strip().strip('"\'')
-    path = recipe if recipe is not None else (RunDir(out).recipe_file if out is not None else None)
-    try:
-        return str(read_toml(path).get("run", {}).get("device", "auto")) if path is not None else "auto"
-    except Exception:  # an unreadable recipe is reported by load_recipe, with its own message
-        return "auto"
-
-
-def _train(recipe, *, out, sets, resume, overwrite, console, strict_plugins, dist) -> dict[str, Any]:
+def _resume(rd: RunDir, plugins: PluginSet, resolved: ResolvedRecipe, *, console, dist) -> Trainer:
+    """Return the trainer that continues the run in ``rd`` with ``resolved`` (refused if it breaks the run)."""
     from capsgan_toolkit.training.trainer import Trainer
 
-    warn = None if console is None else (lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False))
-    if resume and out is not None and RunDir(out).is_run():
-        rd = RunDir(out)
-        if rd.is_finished() and not sets:
-            return rd.read_summary()
-        checkpoint_path = rd.resume_checkpoint()
-        plugins, resolved = load_recipe(recipe or rd.recipe_file, sets, strict_plugins=strict_plugins, warn=warn)
-        state = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None  # read once
-        changes = breaking_changes(state["recipe"], resolved.to_dict()) if state is not None else []
-        if changes:
-            raise CapsganError(
-                f"Cannot resume {rd.path} with this recipe: these keys changed in ways that break the run:\n  "
-                + "\n  ".join(changes) + "\nResume with the run's own recipe (omit RECIPE), or start a new run with --out.")
-        if dist.is_main:
-            rd.write_recipe(resolved)
-            if state is None:
-                rd.metrics_file.unlink(missing_ok=True)  # rows of the attempt that left no checkpoint
-        if console is not None:
-            console.print(f"Resuming {rd.path} from {checkpoint_path.name}" if checkpoint_path is not None
-                          else f"{rd.path} holds no checkpoint yet: starting it from the beginning", highlight=False)
-        trainer = Trainer(resolved, plugins, rd.path, console=console, resume_from=state)
-    else:
-        if recipe is None:
-            raise CapsganError("Give a RECIPE to train, or --resume RUN_DIR to continue a run.")
-        plugins, resolved = load_recipe(recipe, sets, strict_plugins=strict_plugins, warn=warn)
-        if not dist.is_main:
-            dist.barrier()  # rank 0 downloads the data and makes the folder first
-        built = build(resolved, plugins)  # contracts are checked before any folder is made
-        path = Path(out) if out else RunDir.default_path(resolved)
-        if dist.is_main:
-            rd = RunDir.create(path, overwrite=overwrite)
-            rd.write_recipe(resolved)
-            dist.barrier()
-        else:
-            rd = RunDir(path)
-        try:
-            trainer = Trainer(resolved, plugins, rd.path, console=console, built=built)
-        except CapsganError:
-            if dist.is_main:
-                rd.discard_unstarted()  # e.g. a missing data set: the same command works once fixed
-            raise
+    checkpoint_path = rd.resume_checkpoint()
+    state = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None  # read once
+    changes = breaking_changes(state["recipe"], resolved.to_dict()) if state is not None else []
+    if changes:
+        raise CapsganError(
+            f"Cannot resume {rd.path} with this recipe: these keys changed in ways that break the run:\n  "
+            + "\n  ".join(changes) + "\nResume with the run's own recipe (omit RECIPE), or start a new run with --out.")
+    if dist.is_main:
+        rd.write_recipe(resolved)
+        if state is None:
+            rd.metrics_file.unlink(missing_ok=True)  # rows of the attempt that left no checkpoint
     if console is not None:
-        r = resolved.recipe
-        parts = ", ".join(f"{k} {getattr(r, k).plugin}" for k in ("encoder", "generator", "discriminator")
-                          if getattr(r, k) is not None)
-        console.print(f"Training [bold]{r.run.name}[/] ({r.objective.plugin}: {parts}) on {trainer.device}, data "
-                      f"{r.data.plugin} ({len(trainer.train_set)} train images) -> {rd.path}", highlight=False)
-    return trainer.fit()
+        console.print(f"Resuming {rd.path} from {checkpoint_path.name}" if checkpoint_path is not None
+                      else f"{rd.path} holds no checkpoint yet: starting it from the beginning", highlight=False)
+    return Trainer(resolved, plugins, rd.path, console=console, resume_from=state)
+
+
+def _start(out: str | Path | None, plugins: PluginSet, resolved: ResolvedRecipe, *, overwrite: bool, console,
+           dist) -> Trainer:
+    """Return the trainer of a new run of ``resolved`` in ``out`` (default: ``runs/<run.name>``)."""
+    from capsgan_toolkit.training.trainer import Trainer
+
+    if not dist.is_main:
+        dist.barrier()  # rank 0 downloads the data and makes the folder first
+    built = build(resolved, plugins)  # contracts are checked before any folder is made
+    path = Path(out) if out else RunDir.default_path(resolved)
+    if dist.is_main:
+        rd = RunDir.create(path, overwrite=overwrite)
+        rd.write_recipe(resolved)
+        dist.barrier()
+    else:
+        rd = RunDir(path)
+    try:
+        return Trainer(resolved, plugins, rd.path, console=console, built=built)
+    except CapsganError:
+        if dist.is_main:
+            rd.discard_unstarted()  # e.g. a missing data set: the same command works once fixed
+        raise
 
 
 @dataclass

@@ -13,19 +13,40 @@ is the score of class ``k``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+SLOTS: tuple[tuple[str, str], ...] = (
+    ("data", "dataset"),
+    ("objective", "objective"),
+    ("encoder", "encoder"),
+    ("generator", "generator"),
+    ("discriminator", "discriminator"),
+    ("losses.classification", "classification_loss"),
+    ("losses.reconstruction", "reconstruction_loss"),
+    ("losses.adversarial", "adversarial_loss"),
+    ("gate", "gate"),
+)
+"""The one slot table: recipe table -> component family (plus ``eval.features.<label>`` ->
+``metric_features``). Validation, building, evaluation and the objective's parts all read it;
+the base class of each family is in :data:`capsgan_toolkit.plugin.families.FAMILIES`."""
 
 
 class Params(BaseModel):
     """Base of every component's params model: unknown keys are rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_Params: TypeAlias = Params
+"""The base :class:`Params` for annotations inside the family classes, whose ``Params`` class
+attribute shadows the module's name there (for type checkers)."""
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -99,7 +120,7 @@ class Generator(nn.Module):
 
     Params: ClassVar[type[Params]] = Params
 
-    def __init__(self, params: Params, *, num_classes: int, capsule_dim: int, image_shape: Sequence[int]):
+    def __init__(self, params: _Params, *, num_classes: int, capsule_dim: int, image_shape: Sequence[int]):
         super().__init__()
         self.params = params
         self.num_classes = num_classes
@@ -123,7 +144,7 @@ class Discriminator(nn.Module):
 
     Params: ClassVar[type[Params]] = Params
 
-    def __init__(self, params: Params, *, image_shape: Sequence[int]):
+    def __init__(self, params: _Params, *, image_shape: Sequence[int]):
         super().__init__()
         self.params = params
         self.image_shape = tuple(image_shape)
@@ -140,7 +161,7 @@ class Loss(nn.Module):
 
     Params: ClassVar[type[Params]] = Params
 
-    def __init__(self, params: Params):
+    def __init__(self, params: _Params):
         super().__init__()
         self.params = params
 
@@ -213,7 +234,7 @@ class Gate:
 
     Params: ClassVar[type[Params]] = Params
 
-    def __init__(self, params: Params):
+    def __init__(self, params: _Params):
         self.params = params
 
     def decide(self, state: TrainState) -> Phases:  # pragma: no cover - interface
@@ -300,7 +321,7 @@ class FeatureExtractor:
 
     Params: ClassVar[type[Params]] = Params
 
-    def __init__(self, params: Params, *, info: DatasetInfo):
+    def __init__(self, params: _Params, *, info: DatasetInfo):
         self.params = params
         self.info = info
 

@@ -18,7 +18,7 @@ Everything here depends on torch and :mod:`capsgan_toolkit.errors` only.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

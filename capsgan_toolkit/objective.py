@@ -12,17 +12,21 @@ not know the algorithm: classify images, reconstruct them, or generate new ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeAlias
 
 import torch
 from torch import nn
 
-from capsgan_toolkit.interfaces import DatasetInfo, Params, Phases
+from capsgan_toolkit.interfaces import SLOTS, DatasetInfo, Params, Phases
 
-PART_KEYS = ("encoder", "generator", "discriminator",
-             "losses.classification", "losses.reconstruction", "losses.adversarial")
-"""Recipe tables an objective may use; each objective says which it needs."""
+_Params: TypeAlias = Params
+"""The base :class:`Params` for annotations inside :class:`Objective`, whose ``Params`` class attribute
+shadows the imported name there (for type checkers)."""
+
+PART_KEYS: tuple[str, ...] = tuple(key for key, _family in SLOTS if key not in ("data", "objective", "gate"))
+"""Recipe tables an objective may use (the model's parts); each objective says which it needs."""
 
 
 @dataclass
@@ -90,7 +94,7 @@ class Objective:
     has_reconstruction: ClassVar[bool] = False
     has_generation: ClassVar[bool] = False
 
-    def __init__(self, params: Params, *, parts: Parts, weights: dict[str, float]):
+    def __init__(self, params: _Params, *, parts: Parts, weights: dict[str, float]):
         self.params = params
         self.p = parts
         self.weights = dict(weights)
@@ -137,11 +141,11 @@ class Objective:
         """Return generator latents for ``classes`` (after :meth:`prepare_generation`)."""
         raise NotImplementedError(f"{type(self).__name__} has no latent sampler")
 
-    def train(self, mode: bool = True) -> "Objective":
+    def train(self, mode: bool = True) -> Objective:
         """Put every model in training (or evaluation) mode."""
         for module in self.modules().values():
             module.train(mode)
         return self
 
-    def eval(self) -> "Objective":
+    def eval(self) -> Objective:
         return self.train(False)

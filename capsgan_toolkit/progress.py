@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any
 
 
 def rich_bars(console, *after: str, head: str = "{task.description}", remaining: bool = True, **options: Any):
@@ -17,8 +18,8 @@ def rich_bars(console, *after: str, head: str = "{task.description}", remaining:
 
     ``options`` go to ``rich.progress.Progress`` (``transient``, ``disable``, ...).
     """
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bars
 
     columns = [TextColumn(head), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     if remaining:
@@ -72,20 +73,28 @@ class Progress:
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         """Show a bar while the block runs; the block calls the yielded ``advance(n=1)``."""
+
+        def no_bar(n: int = 1) -> None:
+            pass
+
         if self.quiet:
-            yield lambda n=1: None
+            yield no_bar
             return
         bars = self._start_bars() if self.console is not None else None
         if bars is None:
             start = time.perf_counter()
             self(f"{description} ...")
-            yield lambda n=1: None
+            yield no_bar
             self(f"{description}: done in {time.perf_counter() - start:.1f} s")
             return
         self._open += 1
         task_id = bars.add_task(description, total=total)
+
+        def advance(n: int = 1) -> None:
+            bars.advance(task_id, n)
+
         try:
-            yield lambda n=1: bars.advance(task_id, n)
+            yield advance
             bars.update(task_id, completed=bars.tasks[task_id].total or 0)
         finally:
             self._open -= 1
@@ -95,7 +104,7 @@ class Progress:
 
     def track(self, items: Iterable, description: str, total: int | None = None) -> Iterator:
         """Yield from ``items`` with a bar that advances once per item."""
-        if total is None and hasattr(items, "__len__"):
+        if total is None and isinstance(items, Sized):
             total = len(items)
         with self.task(description, total) as advance:
             for item in items:

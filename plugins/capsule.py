@@ -7,14 +7,14 @@ dimensions at every grid position, squashed) -> one transformation matrix
 class capsules of ``class_dim`` dimensions. The length of class capsule ``k`` is
 the score of class ``k``.
 
-Also public: :func:`dynamic_routing`, usable on its own, and :func:`squash`
-(defined in :mod:`capsgan_toolkit.layers`, importable from here too).
+Also public: :func:`dynamic_routing`, usable on its own (``squash`` is in :mod:`capsgan_toolkit.layers`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from pydantic import Field

@@ -64,7 +64,7 @@ def keep_freed_memory() -> str:
     return state
 
 
-_WORKSPACES: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, int]]" = weakref.WeakKeyDictionary()
+_WORKSPACES: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, int]] = weakref.WeakKeyDictionary()
 
 
 def _use_count(t: torch.Tensor) -> int:

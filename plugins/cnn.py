@@ -12,7 +12,7 @@ stack come from :mod:`capsgan_toolkit.layers`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field

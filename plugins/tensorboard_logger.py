@@ -135,7 +135,7 @@ def capsgan_run_start(event):
     logger = _LOGGERS[_key(event.run_dir)] = _Logger(Path(event.run_dir),
                                                      resumed_at=event.step if event.resumed else None)
     if not event.resumed:
-        from capsgan_toolkit.recipe.schema import dumps_toml
+        from capsgan_toolkit.recipe.toml_io import dumps_toml
 
         text = "\n".join("    " + line for line in dumps_toml(event.recipe).splitlines())  # markdown code block
         logger.writer.add_text("recipe", text, 0)

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from helpers import TINY_RECIPE
 
 from capsgan_toolkit.plugin.manager import load_plugins
-from helpers import TINY_RECIPE
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

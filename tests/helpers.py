@@ -39,7 +39,7 @@ def tiny_recipe() -> dict:
 
 def write_toml(path: Path, data: dict) -> str:
     """Write a recipe dict as TOML and return the path as a string."""
-    from capsgan_toolkit.recipe.schema import dumps_toml
+    from capsgan_toolkit.recipe.toml_io import dumps_toml
 
     path.write_text(dumps_toml(data) + "\n", encoding="utf-8")
     return str(path)

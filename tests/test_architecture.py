@@ -33,6 +33,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"capsgan_toolkit": ROOT / "capsgan_toolkit", "capsgan_plugins": ROOT / "plugins"}
@@ -338,3 +339,38 @@ def test_pyproject_lists_every_package_folder():
     found = {name for name in MODULES if _is_package(name)}
     assert listed == found, f"pyproject.toml [tool.setuptools] packages: missing {sorted(found - listed)}, " \
                             f"extra {sorted(listed - found)}"
+
+
+# --------------------------------------------------------------------------- one home per rule
+
+ONE_HOME = {
+    # what: (regular expression over the engine's source, the one module allowed to match)
+    "flatten a recipe": (r"^def flatten\(", "capsgan_toolkit.recipe.diff"),
+    "the lists of recipe keys allowed to differ": (r"^(RESUMABLE|RERUN_IGNORED|GROUP_IGNORED|PER_RUN)\b.*=",
+                                                   "capsgan_toolkit.recipe.diff"),
+    # directions live on the catalogue's ResultKey entries: no module keeps a name -> direction table
+    "a metric direction table": (r"^_?(LOWER|HIGHER|NAMED|DIRECTIONS?)\b.*=", ""),
+    "build a component from a recipe table": (r"^def create\(", "capsgan_toolkit.recipe.build"),
+    "call the registry's create": (r"(?<![`\w])registry\.create\(", "capsgan_toolkit.recipe.build"),
+    "the slot table": (r"^SLOTS\b.*=", "capsgan_toolkit.interfaces"),
+    "count FLOPs": (r"FlopCounterMode\(", "capsgan_toolkit.evaluation.flops"),
+    "draw a progress bar": (r"from rich\.progress import", "capsgan_toolkit.progress"),
+    "the epoch seed": (r"1_000_003 \+ (pos\.)?epoch", "capsgan_toolkit.training.state"),
+    "read a recipe file into a resolved recipe": (r"^def (load_recipe|resolve_file)\(", None),
+}
+
+
+@pytest.mark.parametrize("what", sorted(ONE_HOME))
+def test_every_rule_has_one_home(what):
+    import re
+
+    pattern, home = ONE_HOME[what]
+    regex = re.compile(pattern, re.M)
+    found = sorted(name for name, path in MODULES.items()
+                   if name.startswith("capsgan_toolkit") and regex.search(path.read_text(encoding="utf-8")))
+    if home is None:  # two names, one module each: api.load_recipe (plugins first) on schema.resolve_file
+        assert found == ["capsgan_toolkit.api", "capsgan_toolkit.recipe.schema"], found
+    elif home == "":
+        assert found == [], f"{what}: found in {found}; the metric catalogue is its only home"
+    else:
+        assert found == [home], f"{what}: written in {found}; its one home is {home}"

@@ -4,23 +4,23 @@ data side, recipe errors, and exact resume of an augmented run."""
 from __future__ import annotations
 
 import copy
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from helpers import TINY_RECIPE, write_toml
 
 from capsgan_toolkit import api
-from capsgan_toolkit.rundir import checkpoint as ckpt
-from capsgan_toolkit.step.augment import AugmentSection, Augmenter, Draw, apply, draw, step_generator, wrap_dataset
-from capsgan_toolkit.recipe.build import build
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.evaluation.evaluator import data_id
 from capsgan_toolkit.interfaces import DatasetInfo, DatasetPlugin
+from capsgan_toolkit.recipe.build import build
+from capsgan_toolkit.recipe.schema import resolve, resolve_file
+from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.step.augment import Augmenter, AugmentSection, Draw, apply, draw, step_generator, wrap_dataset
 from capsgan_toolkit.training.monitor import Monitor
-from capsgan_toolkit.recipe.schema import resolve_file, resolve
 from capsgan_toolkit.training.state import DataPlan
-from helpers import TINY_RECIPE, write_toml
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

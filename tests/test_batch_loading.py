@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from capsgan_toolkit.step.augment import _CentreCropSplit
 from capsgan_toolkit.data import ImageTensorDataset, batch_fetcher, batch_loader
+from capsgan_toolkit.step.augment import _CentreCropSplit
 
 
 def _dataset(n=50, shape=(3, 8, 8), seed=0):

@@ -273,7 +273,8 @@ def test_encoder_routing_bias_param_and_gradient():
 def test_routing_bias_recipe_params_round_trip(registry, tiny_recipe):
     import tomllib
 
-    from capsgan_toolkit.recipe.schema import dumps_toml, resolve
+    from capsgan_toolkit.recipe.schema import resolve
+    from capsgan_toolkit.recipe.toml_io import dumps_toml
 
     params = CapsNetParams(**TINY, routing_bias=True, routing_bias_init=0.25)
     assert CapsNetParams(**params.model_dump()) == params

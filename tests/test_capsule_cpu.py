@@ -16,7 +16,6 @@ from capsgan_plugins import capsule, capsule_cpu
 from capsgan_plugins.capsule import CapsNetEncoder, CapsNetParams, dynamic_routing
 from capsgan_plugins.capsule_cpu import conv_nhwc
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-
 from helpers import invoke, write_toml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "run.epochs=2", "--set", "run.steps_per_epoch=3", "--set", "run.log_every=1",

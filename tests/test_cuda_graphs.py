@@ -18,11 +18,10 @@ import torch
 from helpers import tiny_recipe, write_toml
 
 from capsgan_toolkit import api
-
-from capsgan_toolkit.step import speed
-from capsgan_toolkit.rundir.checkpoint import load_checkpoint
-from capsgan_toolkit.step.cuda_graphs import GraphedCalls
 from capsgan_toolkit.errors import CapsganError
+from capsgan_toolkit.rundir.checkpoint import load_checkpoint
+from capsgan_toolkit.step import speed
+from capsgan_toolkit.step.cuda_graphs import GraphedCalls
 
 CAPTURES: list[tuple] = []
 

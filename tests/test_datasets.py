@@ -337,7 +337,7 @@ def test_image_folder_classes_values_and_split(tmp_path):
             k = round(step[0] / 5)  # pixel i of a class is its colour plus 5 * i
             assert np.allclose(step, 5 * k, atol=1e-4) and 0 <= k < 6
     # Every image lands in exactly one split; a seed picks the same split again.
-    seen = lambda d: sorted(((d.images[i].sum().item(), int(d.labels[i])) for i in range(len(d))))  # noqa: E731
+    seen = lambda d: sorted((d.images[i].sum().item(), int(d.labels[i])) for i in range(len(d)))  # noqa: E731
     assert sorted(seen(train) + seen(test)) == sorted(seen(_folder(tmp_path, test_fraction=0.0).split("train")))
     again = _folder(tmp_path, test_fraction=0.34, seed=3).split("test")
     assert seen(again) == seen(test)

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from helpers import invoke, tiny_recipe, write_toml
 

@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_recipe, write_toml
 from torch import nn
 
 from capsgan_toolkit import api
-from capsgan_toolkit.rundir import checkpoint as ckpt
-from capsgan_toolkit.step.ema import EMA, EmaSection
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.recipe.schema import resolve
+from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.rundir.folder import RunDir
+from capsgan_toolkit.step.ema import EMA, EmaSection
 from capsgan_toolkit.training.trainer import Trainer
-from helpers import tiny_recipe, write_toml
 
 
 def _formula(history: list[dict[str, torch.Tensor]], decay: float, warmup: bool) -> dict[str, torch.Tensor]:

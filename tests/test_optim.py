@@ -13,9 +13,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from capsgan_toolkit.step.divergence import DivergenceGuard, DivergenceSpec
 from capsgan_toolkit.step.optim import (
-    DivergenceGuard,
-    DivergenceSpec,
     OptimizerSpec,
     build_optimizer,
     clip_gradients,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import capsgan_toolkit
-from capsgan_toolkit.plugin import spec as hookspecs
 from capsgan_toolkit.errors import NameClashError, PluginError, PluginLoadError, RegistryError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams
+from capsgan_toolkit.plugin import spec as hookspecs
 from capsgan_toolkit.plugin.manager import STRICT_ENV, load_plugins
 from capsgan_toolkit.plugin.registry import PluginOrigin, Registry
 

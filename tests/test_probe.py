@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, invoke, write_toml
 from PIL import Image
 
 from capsgan_toolkit.tools.probe import COLUMNS, PERTURBATIONS, _affine, _swap_quadrants, probe, unmeasured
-from helpers import TINY_RECIPE, invoke, write_toml
 
 
 def test_perturbations_do_what_they_say():

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+from helpers import write_toml
 
 from capsgan_toolkit.errors import RecipeError
-from capsgan_toolkit.recipe.schema import apply_overrides, dumps_toml, resolve_file, parse_override, resolve
-
-from helpers import write_toml
+from capsgan_toolkit.recipe.schema import apply_overrides, parse_override, resolve, resolve_file
+from capsgan_toolkit.recipe.toml_io import dumps_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 

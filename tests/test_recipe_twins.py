@@ -7,10 +7,10 @@ is the same; each pair below is compared key by key, after parsing, with comment
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
 

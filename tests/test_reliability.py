@@ -32,13 +32,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import TINY_RECIPE, write_toml
 
-from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.cli.main import cli
 from capsgan_toolkit.errors import CheckpointError
+from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.rundir.reporting import read_metrics
-
-from helpers import TINY_RECIPE, write_toml
 
 TESTS = Path(__file__).resolve().parent
 FAULTS = "plugins_for_tests.faults"

@@ -28,18 +28,18 @@ from pathlib import Path
 import pytest
 import torch
 from annotated_types import Ge, Gt, Le, Lt
+from helpers import TINY_RECIPE, write_toml
+from helpers import invoke as _invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.errors import CheckpointError, RecipeError
+from capsgan_toolkit.interfaces import SLOTS as RECIPE_SLOTS
 from capsgan_toolkit.plugin.manager import load_plugins
-from capsgan_toolkit.recipe.schema import SLOTS as RECIPE_SLOTS
-from capsgan_toolkit.recipe.schema import ComponentSpec, Recipe, dumps_toml, resolve_file, resolve
-
-from helpers import TINY_RECIPE, write_toml
-from helpers import invoke as _invoke
+from capsgan_toolkit.recipe.schema import ComponentSpec, Recipe, resolve, resolve_file
+from capsgan_toolkit.recipe.toml_io import dumps_toml
+from capsgan_toolkit.rundir import checkpoint as ckpt
 
 TESTS = Path(__file__).resolve().parent
 _REGISTRY = load_plugins().registry

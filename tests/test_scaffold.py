@@ -8,10 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+from helpers import invoke
 
 from capsgan_toolkit import testing as kit
 from capsgan_toolkit.errors import CapsganError
@@ -20,7 +21,6 @@ from capsgan_toolkit.plugin.manager import load_plugins
 from capsgan_toolkit.recipe.schema import resolve_file
 from capsgan_toolkit.tools.scaffold import FAMILIES, new_plugin
 from capsgan_toolkit.tools.scaffold_templates import RECIPE_TABLES, TEST_PARAMS
-from helpers import invoke
 
 FAST = ["run.device=cpu", "run.epochs=1", "run.steps_per_epoch=2", "data.num_train=64", "data.num_test=32",
         "data.batch_size=8", "output.sample_images=4"]

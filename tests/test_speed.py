@@ -36,7 +36,8 @@ def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path):
     plugins, resolved = api.load_recipe(write_toml(tmp_path / "r.toml", tiny_recipe()))
     built = build(resolved, plugins)
     speed = Speed(SpeedSection(channels_last=True), torch.device("cpu"), built)
-    convs = [m.weight for m in built.modules()["generator"].modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    convs = [m.weight for m in built.modules()["generator"].modules()
+             if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
     batch = speed.batch(torch.randn(2, 3, 8, 8))
     assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()

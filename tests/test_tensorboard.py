@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_recipe, write_toml
 
 from capsgan_toolkit import api
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.plugin.events import EpochEnd, RunEnd, RunStart
 from capsgan_toolkit.recipe.schema import resolve
-from helpers import tiny_recipe, write_toml
 
 pytest.importorskip("tensorboard", reason='the tensorboard package is not installed (pip install "capsgan-toolkit[test]")')
 

@@ -23,8 +23,17 @@ from torch import nn
 
 from capsgan_toolkit import testing as kit
 from capsgan_toolkit.interfaces import (
-    AdversarialLoss, ClassificationLoss, DatasetParams, Discriminator, Encoder, EncoderParams, Gate, Generator, Params,
-    Phases, ReconstructionLoss,
+    AdversarialLoss,
+    ClassificationLoss,
+    DatasetParams,
+    Discriminator,
+    Encoder,
+    EncoderParams,
+    Gate,
+    Generator,
+    Params,
+    Phases,
+    ReconstructionLoss,
 )
 from capsgan_toolkit.plugin.manager import load_plugins
 

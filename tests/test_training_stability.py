@@ -6,10 +6,10 @@ import copy
 import json
 
 import torch
+from helpers import TINY_RECIPE, invoke, write_toml
 
 from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.rundir.reporting import read_metrics
-from helpers import TINY_RECIPE, invoke, write_toml
 
 
 def _run(tmp_path, recipe, *extra, name="run"):

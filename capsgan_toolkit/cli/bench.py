@@ -6,9 +6,9 @@ import json
 
 import click
 
-from capsgan_toolkit.tools.bench import footer, render, run_bench
 from capsgan_toolkit.cli.common import DEVICES, console, friendly, option
 from capsgan_toolkit.errors import CapsganError
+from capsgan_toolkit.tools.bench import footer, render, run_bench
 
 
 def _shape(text: str | None):

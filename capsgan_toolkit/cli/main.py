@@ -19,13 +19,14 @@ from rich.text import Text
 from capsgan_toolkit import __version__, api
 from capsgan_toolkit.cli.bench import bench_command
 from capsgan_toolkit.cli.common import abort, console, friendly, option, warn
-from capsgan_toolkit.cli.evaluate import eval_command, probe_command, sample_command
 from capsgan_toolkit.cli.compare import compare_command
+from capsgan_toolkit.cli.evaluate import eval_command, probe_command, sample_command
+from capsgan_toolkit.cli.scaffold import new_plugin_command
 from capsgan_toolkit.errors import CapsganError, Interrupted
 from capsgan_toolkit.plugin.manager import load_plugins
-from capsgan_toolkit.recipe.schema import dumps_toml
+from capsgan_toolkit.recipe.build import create
+from capsgan_toolkit.recipe.toml_io import dumps_toml
 from capsgan_toolkit.rundir.folder import RunDir
-from capsgan_toolkit.cli.scaffold import new_plugin_command
 
 _STRICT = option("--strict-plugins", is_flag=True, default=False,
                  help="Treat a broken plugin or a plugin warning as an error (also: CAPSGAN_STRICT_PLUGINS=1).")
@@ -46,7 +47,7 @@ def validate(recipe, sets, strict_plugins):
     """Check RECIPE and print it with every default filled in."""
     plugins, resolved = api.load_recipe(recipe, sets, strict_plugins=strict_plugins, warn=warn)
     console.print(f"# {recipe}: valid", style="green", highlight=False)
-    data = plugins.registry.create("dataset", resolved.recipe.data.plugin, resolved.params["data"])
+    data = create(plugins, resolved, "data")
     note = getattr(data, "split_description", None)
     if note:
         console.print(f"# data: {note}", highlight=False, markup=False)
@@ -200,14 +201,15 @@ def run(recipe, out, sets, resume, overwrite, quiet, strict_plugins):
         raise CapsganError("--resume and --overwrite contradict each other; choose one.")
     out_console = None if quiet else console
     if resume is not None:
+        loaded = None  # the recipe is read, and its plugins loaded, once: here for latest, else in api.train
         if resume == "latest":
             if recipe is None:
                 raise CapsganError("--resume latest needs the RECIPE whose latest run to continue.")
-            _, probe = api.load_recipe(recipe, sets)
-            resume = str(RunDir.default_path(probe))
+            loaded = api.load_recipe(recipe, sets, strict_plugins=strict_plugins)  # warnings: shown by api.train
+            resume = str(RunDir.default_path(loaded[1]))
         RunDir(resume).resume_checkpoint()  # refuses a folder that holds no run
         summary = api.train(recipe, out=resume, sets=sets, resume=True, console=out_console,
-                            strict_plugins=strict_plugins)
+                            strict_plugins=strict_plugins, loaded=loaded)
         out = resume
     else:
         summary = api.train(recipe, out=out, sets=sets, overwrite=overwrite, console=out_console,

@@ -1,13 +1,21 @@
 """The component families: each family's name and the base class its components subclass.
 
 This table is written once; the registry checks registrations against it and the recipe's
-slot table (:data:`capsgan_toolkit.recipe.schema.SLOTS`) says which recipe table fills which family.
+slot table (:data:`capsgan_toolkit.interfaces.SLOTS`) says which recipe table fills which family.
 """
 
 from __future__ import annotations
 
 from capsgan_toolkit.interfaces import (
-    AdversarialLoss, ClassificationLoss, DatasetPlugin, Discriminator, Encoder, FeatureExtractor, Gate, Generator,
+    SLOTS,
+    AdversarialLoss,
+    ClassificationLoss,
+    DatasetPlugin,
+    Discriminator,
+    Encoder,
+    FeatureExtractor,
+    Gate,
+    Generator,
     ReconstructionLoss,
 )
 from capsgan_toolkit.objective import Objective
@@ -25,3 +33,5 @@ FAMILIES: dict[str, type] = {
     "metric_features": FeatureExtractor,
 }
 """The component families and the base class each component must subclass."""
+
+assert {family for _key, family in SLOTS} <= set(FAMILIES), "every slot's family needs a base class here"

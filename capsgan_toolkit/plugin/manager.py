@@ -19,14 +19,14 @@ import importlib.metadata as metadata
 import inspect
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Iterable
 
 import pluggy
 
-from capsgan_toolkit.plugin import spec as hookspecs
 from capsgan_toolkit.errors import PluginError, PluginLoadError
+from capsgan_toolkit.plugin import spec as hookspecs
 from capsgan_toolkit.plugin.registry import PluginOrigin, Registry, normalize_distribution
 
 STRICT_ENV = "CAPSGAN_STRICT_PLUGINS"
@@ -139,7 +139,9 @@ def load_plugins(
             result.broken.append(BrokenPlugin(name, "recipe run.plugins", _error_text(exc), "could not be imported"))
             continue
         if pm.is_registered(module):  # installed and also named in the recipe: the recipe prefers it
-            registry.preferred.add(pm.get_name(module))
+            registered_as = pm.get_name(module)  # a str: the module is registered
+            if registered_as is not None:
+                registry.preferred.add(registered_as)
             continue
         try:
             pm.register(module, name=name)
@@ -245,7 +247,7 @@ def _hook_problems(pm: pluggy.PluginManager, plugin: object, known: list[str]) -
             obj = inspect.getattr_static(plugin, attr)
         except Exception:
             continue
-        hook = (opts or {}).get("specname") or attr
+        hook = (opts.get("specname") if opts is not None else None) or attr
         close = difflib.get_close_matches(hook, known, n=1, cutoff=0.6)
         guess = f' (did you mean "{close[0]}"?)' if close else ""
         if opts is not None and hook not in known:

@@ -14,11 +14,13 @@ recipe lists exactly one of their modules in ``run.plugins`` (:attr:`Registry.pr
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import fnmatch
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -264,7 +266,8 @@ class Registry:
             "Run `capsgan plugins` to list every component."
         )
 
-    def list(self, family: str, pattern: str = "*") -> list[str]:
+    # This method shadows the builtin ``list`` in the rest of the class body: annotations say ``builtins.list``.
+    def list(self, family: str, pattern: str = "*") -> builtins.list[str]:
         """Return the sorted names :meth:`get` accepts in ``family``, matching the glob ``pattern``.
 
         A component reachable under its bare name is listed bare; one that is not (a
@@ -273,7 +276,7 @@ class Registry:
         names = [self.recipe_name(c) for c in self.components(family)] if family in self._components else []
         return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
-    def components(self, family: str | None = None) -> list[Component]:
+    def components(self, family: str | None = None) -> builtins.list[Component]:
         """Return every component, or those of one family, sorted by family and name.
 
         Components sharing a name are all listed: the built-in first, then by qualified name.

@@ -11,7 +11,13 @@ and, in that module, functions decorated with :data:`capsgan_toolkit.hookimpl`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pluggy
+
+if TYPE_CHECKING:  # for the annotations only: this module imports nothing of the toolkit at run time
+    from capsgan_toolkit.plugin.events import CheckpointSaved, EpochEnd, EvaluationDone, RunEnd, RunStart
+    from capsgan_toolkit.plugin.registry import Registry
 
 NAME = "capsgan"
 """Project name: plugin manager, hook markers and entry-point group."""
@@ -21,30 +27,30 @@ hookimpl = pluggy.HookimplMarker(NAME)
 
 
 @hookspec
-def capsgan_register(registry):  # pragma: no cover - specification only
+def capsgan_register(registry: Registry) -> None:  # pragma: no cover - specification only
     """Add named components to the registry's families."""
 
 
 @hookspec
-def capsgan_run_start(event):  # pragma: no cover - specification only
+def capsgan_run_start(event: RunStart) -> None:  # pragma: no cover - specification only
     """Observe the start (or resume) of training; ``event`` is a :class:`~capsgan_toolkit.plugin.events.RunStart`."""
 
 
 @hookspec
-def capsgan_epoch_end(event):  # pragma: no cover - specification only
+def capsgan_epoch_end(event: EpochEnd) -> None:  # pragma: no cover - specification only
     """Observe the end of an epoch; ``event`` is an :class:`~capsgan_toolkit.plugin.events.EpochEnd`."""
 
 
 @hookspec
-def capsgan_checkpoint_saved(event):  # pragma: no cover - specification only
+def capsgan_checkpoint_saved(event: CheckpointSaved) -> None:  # pragma: no cover - specification only
     """Observe a checkpoint written; ``event`` is a :class:`~capsgan_toolkit.plugin.events.CheckpointSaved`."""
 
 
 @hookspec
-def capsgan_evaluation_done(event):  # pragma: no cover - specification only
+def capsgan_evaluation_done(event: EvaluationDone) -> None:  # pragma: no cover - specification only
     """Observe an evaluation's results; ``event`` is an :class:`~capsgan_toolkit.plugin.events.EvaluationDone`."""
 
 
 @hookspec
-def capsgan_run_end(event):  # pragma: no cover - specification only
+def capsgan_run_end(event: RunEnd) -> None:  # pragma: no cover - specification only
     """Observe the end of training; ``event`` is a :class:`~capsgan_toolkit.plugin.events.RunEnd`."""

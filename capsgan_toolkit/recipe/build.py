@@ -1,7 +1,7 @@
 """Turn a resolved recipe into live components: the one way anything is built.
 
 Every component is made through :meth:`Registry.create` from the recipe's slot table
-(:data:`capsgan_toolkit.recipe.schema.SLOTS`); after building, :func:`check_contracts` runs one
+(:data:`capsgan_toolkit.interfaces.SLOTS`); after building, :func:`check_contracts` runs one
 tiny batch through the parts and names the plugin whose output has the wrong shape, before
 any run folder is made.
 """
@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from capsgan_toolkit.errors import CapsganError, ContractError
+from capsgan_toolkit.interfaces import SLOTS, DatasetInfo, DatasetPlugin, Gate
+from capsgan_toolkit.objective import Objective, Parts
+from capsgan_toolkit.recipe.schema import ResolvedRecipe
 from capsgan_toolkit.step import distributed
 from capsgan_toolkit.step.augment import Augmenter, wrap_dataset
-from capsgan_toolkit.errors import CapsganError, ContractError
-from capsgan_toolkit.interfaces import DatasetInfo, DatasetPlugin, Gate
-from capsgan_toolkit.objective import Objective, Parts
-from capsgan_toolkit.recipe.schema import SLOTS, ResolvedRecipe
 
 _FAMILY = dict(SLOTS)
 
@@ -77,7 +77,9 @@ def _origin(plugins, component) -> str:
 
 
 def create(plugins, resolved: ResolvedRecipe, key: str, **context: Any):
-    """Build the component of recipe table ``key`` (``None`` if the recipe has none).
+    """Build the component of recipe table ``key`` (``None`` if the recipe has none): the one way to build one.
+
+    ``plugins`` is the loaded PluginSet (or its Registry); ``context`` goes to the constructor.
 
     Raises:
         CapsganError: the constructor failed; the message names the table, the plugin and its source.
@@ -86,7 +88,7 @@ def create(plugins, resolved: ResolvedRecipe, key: str, **context: Any):
     if spec is None:
         return None
     family = "metric_features" if key.startswith("eval.features.") else _FAMILY[key]
-    registry = plugins.registry
+    registry = getattr(plugins, "registry", plugins)  # a loaded PluginSet, or its Registry alone
     component = registry.get(family, spec.plugin)
     try:
         return registry.create(family, spec.plugin, resolved.params[key], **context)
@@ -171,7 +173,7 @@ def check_contracts(built: Built, plugins, *, latent: tuple[int, int], disc_shap
         if p.encoder is not None:
             images = torch.rand(batch, *info.image_shape, generator=gen) * 2 - 1
             out = _call(plugins, resolved, "encoder", p.encoder, images)
-            want = (batch, info.num_classes, getattr(p.encoder, "capsule_dim", None))
+            want: tuple[int | None, ...] = (batch, info.num_classes, getattr(p.encoder, "capsule_dim", None))
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
                 raise _violation(plugins, resolved, "encoder", f"returned {_shape(out)} for {batch} images of shape "
                                  f"{tuple(info.image_shape)}; the contract is (B, K, D) = {want} (K classes, D its "

@@ -19,19 +19,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from capsgan_toolkit.step.augment import AugmentSection
-from capsgan_toolkit.catalogue import EVAL_METRICS, EvalSection  # noqa: F401  (both importable from here too)
-from capsgan_toolkit.step.ema import EmaSection
+from capsgan_toolkit.catalogue import EvalSection, FeatureSpec
 from capsgan_toolkit.errors import RecipeError, RegistryError
-from capsgan_toolkit.recipe.toml_io import dumps_toml, read_toml  # noqa: F401  (dumps_toml: importable from here too)
-from capsgan_toolkit.step.optim import DivergenceSpec, OptimizerSpec
+from capsgan_toolkit.interfaces import SLOTS
 from capsgan_toolkit.plugin.registry import Registry, suggest
+from capsgan_toolkit.recipe.toml_io import read_toml
+from capsgan_toolkit.step.augment import AugmentSection
+from capsgan_toolkit.step.divergence import DivergenceSpec
+from capsgan_toolkit.step.ema import EmaSection
+from capsgan_toolkit.step.optim import OptimizerSpec
 from capsgan_toolkit.step.speed import SpeedSection
 
 
@@ -109,20 +111,6 @@ class OutputSection(_Strict):
     tensorboard: bool = Field(False, description="Write TensorBoard events to RUN_DIR/tensorboard/ (the tensorboard extra).")
 
 
-SLOTS: tuple[tuple[str, str], ...] = (
-    ("data", "dataset"),
-    ("objective", "objective"),
-    ("encoder", "encoder"),
-    ("generator", "generator"),
-    ("discriminator", "discriminator"),
-    ("losses.classification", "classification_loss"),
-    ("losses.reconstruction", "reconstruction_loss"),
-    ("losses.adversarial", "adversarial_loss"),
-    ("gate", "gate"),
-)
-"""The one slot table: recipe table -> component family (plus ``eval.features.<label>`` ->
-``metric_features``). Validation, building and evaluation all read it."""
-
 
 class Recipe(_Strict):
     """A whole, validated recipe."""
@@ -153,11 +141,12 @@ class Recipe(_Strict):
             node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
         return node
 
-    def component_slots(self) -> list[tuple[str, str, ComponentSpec]]:
+    def component_slots(self) -> list[tuple[str, str, ComponentSpec | FeatureSpec]]:
         """Return ``(dotted key, family, spec)`` for every component table present."""
-        slots = [(key, family, spec) for key, family in SLOTS if (spec := self.spec(key)) is not None]
-        for label, spec in self.eval.features.items():
-            slots.append((f"eval.features.{label}", "metric_features", spec))
+        slots: list[tuple[str, str, ComponentSpec | FeatureSpec]] = [
+            (key, family, spec) for key, family in SLOTS if (spec := self.spec(key)) is not None]
+        for label, feature in self.eval.features.items():
+            slots.append((f"eval.features.{label}", "metric_features", feature))
         return slots
 
 
@@ -330,14 +319,15 @@ def _objective_errors(recipe: Recipe, objective) -> list[tuple[str, str, Any]]:
 
 def _resolve_optim(recipe: Recipe, objective, raw: dict, errors: list) -> dict[str, BaseModel]:
     """Fill each of the objective's optimizers from its defaults and the recipe's ``[optim.<name>]``."""
-    out = {}
+    out: dict[str, BaseModel] = {}
     for name in recipe.optim:
         if name not in objective.optimizers:
             errors.append((f"optim.{name}", f'the "{recipe.objective.plugin}" objective has no optimizer "{name}".'
                            f"{suggest(name, list(objective.optimizers))} Its optimizers: "
                            f"{', '.join(objective.optimizers)}", _MISSING))
     for name, defaults in objective.optimizers.items():
-        given = raw.get(name) if isinstance(raw.get(name), dict) else {}
+        entry = raw.get(name)
+        given = entry if isinstance(entry, dict) else {}
         try:
             out[name] = OptimizerSpec.model_validate({**defaults, **given})
         except ValidationError as exc:

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from capsgan_toolkit.rundir import checkpoint as ckpt
+import tomllib
+
 from capsgan_toolkit.errors import RunFolderError
 from capsgan_toolkit.recipe.diff import RESUMABLE, recipe_diff
-from capsgan_toolkit.recipe.schema import ResolvedRecipe, dumps_toml
+from capsgan_toolkit.recipe.schema import ResolvedRecipe
+from capsgan_toolkit.recipe.toml_io import dumps_toml
+from capsgan_toolkit.rundir import checkpoint as ckpt
+
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
@@ -77,7 +80,7 @@ class RunDir:
         return Path("runs") / resolved.recipe.run.name
 
     @classmethod
-    def create(cls, path: str | Path, *, overwrite: bool = False) -> "RunDir":
+    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDir:
         """Create an empty run folder; refuse to reuse a non-empty one unless ``overwrite``."""
         rd = cls(path)
         if rd.path.exists() and not rd.path.is_dir():

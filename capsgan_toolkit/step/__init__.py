@@ -1,1 +1,4 @@
-"""One training step's machinery, each owning its recipe table: optimizers, divergence guard, EMA, augmentation, speed, CUDA graphs, several processes."""
+"""One training step's machinery, each module owning its recipe table.
+
+Optimizers, the divergence guard, EMA, augmentation, speed options, CUDA graphs, several processes.
+"""

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

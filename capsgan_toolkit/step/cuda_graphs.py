@@ -17,15 +17,17 @@ call (the discriminator during the generator's step) computes none.
 
 Outside a training step (between :meth:`GraphedCalls.new_step` and :meth:`GraphedCalls.end_step`,
 which :meth:`capsgan_toolkit.step.speed.Speed.step` calls), outside training mode (evaluation,
-samples), on tensors off the GPU, or with keyword arguments, the module's own forward runs. Capturing runs the forward a few times; the model's
-buffers (BatchNorm's running statistics) are restored afterwards, so they count the step once.
+samples), on tensors off the GPU, or with keyword arguments, the module's own forward runs.
+Capturing runs the forward a few times; the model's buffers (BatchNorm's running statistics)
+are restored afterwards, so they count the step once.
 Attributes that the forward assigns to the module (the capsnet's pending diagnostics) are
 assigned again after each replay: they hold the graph's memory, which each replay rewrites.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -22,7 +22,8 @@ averaged weights when a run has them (:meth:`EMA.applied` swaps them in and back
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,7 +70,7 @@ class EMA:
         self._stepped = False
 
     @classmethod
-    def from_recipe(cls, section: EmaSection | None, parts, optimizer_params: dict[str, list]) -> "EMA | None":
+    def from_recipe(cls, section: EmaSection | None, parts, optimizer_params: dict[str, list]) -> EMA | None:
         """Return the EMA a recipe's ``[ema]`` asks for (``None`` when off).
 
         Args:

@@ -1,6 +1,6 @@
-"""Optimizers that do not fall over: learning-rate schedules, gradient clipping, a divergence guard.
+"""Optimizers that do not fall over: learning-rate schedules and gradient clipping.
 
-Three independent parts, each usable on its own (the trainer wires them; see
+Independent parts, each usable on its own (the trainer wires them; see
 docs/training-stability.md):
 
 - :class:`OptimizerSpec` (one ``[optim.<name>]`` recipe table) and :func:`build_optimizer`:
@@ -9,9 +9,8 @@ docs/training-stability.md):
   plain numbers and a resumed run gets exactly the same learning rates.
   :func:`lr_at` is that same function times ``lr``, for tests, plots and docs.
 - :func:`clip_gradients`: the pre-clip global gradient norm, clipping by it when asked.
-- :class:`DivergenceSpec` and :class:`DivergenceGuard` (in :mod:`capsgan_toolkit.step.divergence`,
-  re-exported here); :func:`scale_learning_rates` lowers learning rates after a rollback in
-  a way that survives a checkpoint round-trip.
+- :func:`scale_learning_rates` lowers learning rates after a rollback (the divergence guard,
+  :mod:`capsgan_toolkit.step.divergence`) in a way that survives a checkpoint round-trip.
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ __all__ = [
     "lr_multiplier",
     "lr_at",
     "clip_gradients",
-    "DivergenceSpec",
-    "DivergenceGuard",
     "scale_learning_rates",
 ]
 
@@ -252,7 +249,3 @@ def clip_gradients(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
             with torch.no_grad():
                 torch._foreach_mul_(grads, coef)
     return norm
-
-
-# The divergence guard lives in capsgan_toolkit.step.divergence; importable from here too.
-from capsgan_toolkit.step.divergence import DivergenceGuard, DivergenceSpec  # noqa: E402

@@ -40,13 +40,18 @@ params that keep the component small (few channels). The checks live in
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from pydantic import BaseModel
 
 from capsgan_toolkit.testing.base import BAD_IMAGE_SHAPES, IMAGE_SHAPES, ContractViolation, check_params
 from capsgan_toolkit.testing.components import (
-    check_adversarial_loss, check_classification_loss, check_dataset, check_gate, check_reconstruction_loss,
+    check_adversarial_loss,
+    check_classification_loss,
+    check_dataset,
+    check_gate,
+    check_reconstruction_loss,
 )
 from capsgan_toolkit.testing.models import check_discriminator, check_encoder, check_generator
 from capsgan_toolkit.testing.objective import check_objective

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tomllib
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
+import tomllib
 import torch
 from pydantic import BaseModel, ValidationError
 
@@ -199,7 +200,7 @@ def check_params(component: type, params: Mapping[str, Any] | BaseModel | None =
         return model.model_validate(json.loads(json.dumps(dumped)))
 
     def via_toml():
-        from capsgan_toolkit.recipe.schema import dumps_toml
+        from capsgan_toolkit.recipe.toml_io import dumps_toml
 
         dumped = p.model_dump(mode="json", by_alias=True, exclude_none=True)
         return model.model_validate(tomllib.loads(dumps_toml({"table": dumped}))["table"])

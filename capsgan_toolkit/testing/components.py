@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from pydantic import BaseModel
 
 from capsgan_toolkit.interfaces import (
-    AdversarialLoss, ClassificationLoss, DatasetInfo, DatasetParams, DatasetPlugin, Gate, Phases,
-    ReconstructionLoss, TrainState,
+    AdversarialLoss,
+    ClassificationLoss,
+    DatasetInfo,
+    DatasetParams,
+    DatasetPlugin,
+    Gate,
+    Phases,
+    ReconstructionLoss,
+    TrainState,
 )
 from capsgan_toolkit.testing.base import BATCH, _check_tensor, _Checker, _shape, check_params
 

@@ -6,15 +6,26 @@ Import them from :mod:`capsgan_toolkit.testing`; this module is their implementa
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ValidationError
 
 from capsgan_toolkit.interfaces import Discriminator, Encoder, EncoderParams, Generator
 from capsgan_toolkit.testing.base import (
-    BAD_IMAGE_SHAPES, BATCH, IMAGE_SHAPES, _check_gradients, _check_input_gradient, _check_tensor, _Checker,
-    _expect_raises_capsgan_error, _random_weights, _seed, _state_equal, check_params,
+    BAD_IMAGE_SHAPES,
+    BATCH,
+    IMAGE_SHAPES,
+    _check_gradients,
+    _check_input_gradient,
+    _check_tensor,
+    _Checker,
+    _expect_raises_capsgan_error,
+    _random_weights,
+    _seed,
+    _state_equal,
+    check_params,
 )
 
 # ----------------------------------------------------------------------------- encoders

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -83,9 +84,9 @@ def check_objective(objective_cls: type, params: Mapping[str, Any] | None = None
     Raises:
         ContractViolation: naming the check and the component.
     """
-    from capsgan_toolkit.recipe.build import build
     from capsgan_toolkit.objective import PART_KEYS, Objective
     from capsgan_toolkit.plugin.manager import load_plugins
+    from capsgan_toolkit.recipe.build import build
     from capsgan_toolkit.recipe.schema import apply_overrides, resolve
 
     chk = _Checker("check_objective", "objective", objective_cls)

@@ -34,10 +34,10 @@ from rich.table import Table
 from torch import nn
 
 from capsgan_toolkit import api
-from capsgan_toolkit.recipe.build import build, pick_device
-from capsgan_toolkit.evaluation.flops import count_flops
 from capsgan_toolkit.errors import DataError
+from capsgan_toolkit.evaluation.flops import count_flops
 from capsgan_toolkit.interfaces import DatasetInfo, Phases
+from capsgan_toolkit.recipe.build import build, pick_device
 from capsgan_toolkit.step.optim import build_optimizer
 from capsgan_toolkit.step.speed import Speed
 

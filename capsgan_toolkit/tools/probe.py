@@ -18,7 +18,8 @@ cannot give it) and ``rows`` (one per perturbation: ``probe``, ``images`` and th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

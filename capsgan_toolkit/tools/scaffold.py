@@ -182,7 +182,7 @@ def _check_not_builtin(name: str, family: str) -> None:
 def _recipe_toml(name: str, family: str) -> str:
     import copy
 
-    from capsgan_toolkit.recipe.schema import dumps_toml
+    from capsgan_toolkit.recipe.toml_io import dumps_toml
 
     recipe = copy.deepcopy(_BASE_RECIPE)
     key, table = RECIPE_TABLES[family]

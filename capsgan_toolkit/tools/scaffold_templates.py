@@ -295,7 +295,6 @@ class __CLASS__(Objective):
     parts: ClassVar[dict[str, bool]] = {"encoder": True, "generator": True,
                                         "losses.classification": True, "losses.reconstruction": True}
     optimizers: ClassVar[dict[str, dict]] = {"model": {"lr": 1e-3}}
-    uses_encoder_accuracy = True
     has_classifier = has_reconstruction = True
 
     def optimizer_parameters(self) -> dict[str, list[torch.nn.Parameter]]:

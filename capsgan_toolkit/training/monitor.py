@@ -1,6 +1,8 @@
 """What a training run shows and measures besides the step: per-epoch metrics, pictures, progress, summary.
 
-The :class:`Monitor` belongs to one :class:`~capsgan_toolkit.training.trainer.Trainer`. It never
+A :class:`~capsgan_toolkit.training.trainer.Trainer` holds one :class:`Monitor`, made with what it
+reads: the recipe, the built parts, the data splits, the run folder and metrics log, the position
+and the EMA (the position changes during training: the monitor reads it when it measures). It never
 touches the global random state (evaluation runs under ``fork_rng``), so a run that is
 watched closely trains exactly as one that is not.
 """
@@ -8,28 +10,56 @@ watched closely trains exactly as one that is not.
 from __future__ import annotations
 
 import resource
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from capsgan_toolkit.recipe.build import count_parameters
 from capsgan_toolkit.data import batch_loader, class_balanced_indices, split_labels
-from capsgan_toolkit.step.ema import averaged
+from capsgan_toolkit.interfaces import Phases
 from capsgan_toolkit.plugin.events import EvaluationDone, emit
+from capsgan_toolkit.plugin.manager import PluginSet
 from capsgan_toolkit.progress import rich_bars
-from capsgan_toolkit.rundir.reporting import plot_curves, read_metrics, save_grid, save_pairs, save_traversal
+from capsgan_toolkit.recipe.build import Built, count_parameters
+from capsgan_toolkit.recipe.schema import ResolvedRecipe
+from capsgan_toolkit.rundir.folder import RunDir
+from capsgan_toolkit.rundir.reporting import MetricsLog, plot_curves, read_metrics, save_grid, save_pairs, save_traversal
+from capsgan_toolkit.step.distributed import DiscardLog
+from capsgan_toolkit.step.ema import EMA, averaged
+from capsgan_toolkit.training.state import DataPlan, Position
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from capsgan_toolkit.evaluation.evaluator import Evaluator
 
 
 class Monitor:
-    """Per-epoch measurements, sample pictures, periodic evaluation, progress and the summary."""
+    """Per-epoch measurements, sample pictures, periodic evaluation, progress and the summary.
 
-    def __init__(self, trainer):
-        self.t = trainer
-        self.recipe = trainer.recipe
-        self.console = trainer.console
-        self._evaluator = None
-        test = trainer.test_set
-        labels = split_labels(test, 4096)  # read from the labels tensor where there is one: no image decoding
+    Args:
+        resolved: the run's recipe.
+        plugins: the loaded plugins (registry for the evaluator, manager for events).
+        built: the components (on ``device``).
+        data: the run's splits (test and validation sets are measured) and batch size.
+        device: where the models are.
+        rd: the run folder (pictures, curves, the evaluation protocol).
+        metrics: the run's metrics log (rows of kind "train" and "eval" are appended).
+        pos: the run's position and running values (read when a row or the summary is made).
+        ema: the averaged weights (pictures and evaluations use them), ``None`` without ``[ema]``.
+        console: a rich console for progress and epoch lines (``None``: quiet).
+        flops_per_image: each part's forward FLOPs per image (for the summary).
+    """
+
+    def __init__(self, resolved: ResolvedRecipe, plugins: PluginSet, built: Built, *, data: DataPlan,
+                 device: torch.device, rd: RunDir, metrics: MetricsLog | DiscardLog, pos: Position,
+                 ema: EMA | None = None, console: Console | None = None,
+                 flops_per_image: dict[str, int] | None = None) -> None:
+        self.resolved, self.recipe, self.plugins, self.built = resolved, resolved.recipe, plugins, built
+        self.objective, self.data, self.test_set, self.device = built.objective, data, data.test_set, device
+        self.rd, self.metrics, self.pos, self.ema, self.console = rd, metrics, pos, ema, console
+        self.flops_per_image = flops_per_image if flops_per_image is not None else {}
+        self._evaluator: Evaluator | None = None  # made at the first periodic evaluation
+        labels = split_labels(self.test_set, 4096)  # read from the labels tensor where there is one: no image decoding
         self.sample_indices = class_balanced_indices(labels, self.recipe.output.sample_images)
 
     # ------------------------------------------------------------------ per epoch
@@ -38,10 +68,10 @@ class Monitor:
     def _accuracy_and_mse(self, dataset, limit_batches: int = 0) -> dict[str, float]:
         from capsgan_toolkit.evaluation.scores import recon_mse01
 
-        obj, device = self.t.objective, self.t.device
+        obj, device = self.objective, self.device
         correct = total = 0
         sq = 0.0
-        loader = batch_loader(dataset, batch_size=max(self.t.batch_size, 64))
+        loader = batch_loader(dataset, batch_size=max(self.data.batch_size, 64))
         for i, (images, labels) in enumerate(loader):
             if limit_batches and i >= limit_batches:
                 break
@@ -60,13 +90,13 @@ class Monitor:
 
     def epoch_metrics(self) -> dict[str, float]:
         """Return test accuracy / reconstruction MSE (and validation accuracy) of the current models."""
-        obj = self.t.objective
+        obj = self.objective
         obj.eval()
         try:
             limit = self.recipe.run.eval_batches
-            row = {f"test_{k}": v for k, v in self._accuracy_and_mse(self.t.test_set, limit).items()}
-            if self.t.val_set is not None and obj.has_classifier:
-                row["val_acc"] = self._accuracy_and_mse(self.t.val_set, limit).get("acc")
+            row = {f"test_{k}": v for k, v in self._accuracy_and_mse(self.test_set, limit).items()}
+            if self.data.val_set is not None and obj.has_classifier:
+                row["val_acc"] = self._accuracy_and_mse(self.data.val_set, limit).get("acc")
         finally:
             obj.train()
         return row
@@ -77,12 +107,12 @@ class Monitor:
 
         With ``[ema]`` the averaged weights make the picture (swapped in and back out).
         """
-        obj, device, path = self.t.objective, self.t.device, self.t.rd.sample_file(epoch)
-        images = torch.stack([self.t.test_set[i][0] for i in self.sample_indices]).to(device)
-        labels = torch.tensor([int(self.t.test_set[i][1]) for i in self.sample_indices], device=device)
+        obj, device, path = self.objective, self.device, self.rd.sample_file(epoch)
+        images = torch.stack([self.test_set[i][0] for i in self.sample_indices]).to(device)
+        labels = torch.tensor([int(self.test_set[i][1]) for i in self.sample_indices], device=device)
         obj.eval()
         try:
-            with averaged(getattr(self.t, "ema", None)):
+            with averaged(self.ema):
                 if obj.has_reconstruction:
                     return save_pairs(images, obj.reconstruct(images), path, min_cell=64)  # big enough to see
                 if obj.has_generation:
@@ -98,15 +128,15 @@ class Monitor:
     @torch.no_grad()
     def histograms(self) -> dict[str, list[float]]:
         """Return the class capsules' lengths on the sample test images (all, and the true class's)."""
-        encoder = self.t.built.parts.encoder
+        encoder = self.built.parts.encoder
         if encoder is None or not self.sample_indices:
             return {}
-        images = torch.stack([self.t.test_set[i][0] for i in self.sample_indices]).to(self.t.device)
-        labels = torch.tensor([int(self.t.test_set[i][1]) for i in self.sample_indices])
+        images = torch.stack([self.test_set[i][0] for i in self.sample_indices]).to(self.device)
+        labels = torch.tensor([int(self.test_set[i][1]) for i in self.sample_indices])
         mode = encoder.training
         encoder.eval()
         try:
-            with averaged(getattr(self.t, "ema", None)):
+            with averaged(self.ema):
                 lengths = encoder.class_scores(encoder(images)).float().cpu()
         finally:
             encoder.train(mode)
@@ -114,15 +144,15 @@ class Monitor:
                 "capsule_length_true_class": lengths.gather(1, labels[:, None]).flatten().tolist()}
 
     def save_traversal(self):
-        p = self.t.built.parts
-        if p.encoder is None or p.generator is None or not self.t.objective.has_reconstruction:
+        p = self.built.parts
+        if p.encoder is None or p.generator is None or not self.objective.has_reconstruction:
             return None
-        batch = torch.stack([self.t.test_set[i][0] for i in self.sample_indices[:2]]).to(self.t.device)
-        with averaged(getattr(self.t, "ema", None)):
-            return save_traversal(p.encoder, p.generator, batch, self.t.rd.traversal_file)
+        batch = torch.stack([self.test_set[i][0] for i in self.sample_indices[:2]]).to(self.device)
+        with averaged(self.ema):
+            return save_traversal(p.encoder, p.generator, batch, self.rd.traversal_file)
 
     def plot(self) -> None:
-        plot_curves(read_metrics(self.t.rd.metrics_file), self.t.rd.curves_file, title=self.recipe.run.name)
+        plot_curves(read_metrics(self.rd.metrics_file), self.rd.curves_file, title=self.recipe.run.name)
 
     def periodic_evaluation(self, epoch: int, step: int) -> dict[str, Any] | None:
         """Evaluate when ``eval.every_epochs`` says so; append a row of kind "eval" and emit the event."""
@@ -131,34 +161,37 @@ class Monitor:
             return None
         from capsgan_toolkit.evaluation.scores import fork_rng
 
-        with fork_rng(self.t.device):  # building extractors may draw weights: not from the run's RNG
+        with fork_rng(self.device):  # building extractors may draw weights: not from the run's RNG
             if self._evaluator is None:  # one per run: extractors are prepared once
                 from capsgan_toolkit.evaluation.evaluator import Evaluator
 
-                self._evaluator = Evaluator(self.t.resolved, self.t.plugins.registry, objective=self.t.objective,
-                                            dataset=self.t.built.dataset, device=self.t.device,
+                self._evaluator = Evaluator(self.resolved, self.plugins.registry, objective=self.objective,
+                                            dataset=self.built.dataset, device=self.device,
                                             progress=self.console)
-            with averaged(getattr(self.t, "ema", None)):  # the averaged weights, when the run keeps them
+            with averaged(self.ema):  # the averaged weights, when the run keeps them
                 report = self._evaluator.run()
         row = {"kind": "eval", "epoch": epoch, "step": step, **report.metrics}
-        self.t.metrics.append(row)
-        self.t.rd.write_eval_protocol({"epoch": epoch, "step": step, **report.to_dict()})
-        emit(self.t.plugins.manager, EvaluationDone(self.t.rd.path, epoch, step, dict(report.metrics),
-                                                     dict(report.protocol)))
+        self.metrics.append(row)
+        self.rd.write_eval_protocol({"epoch": epoch, "step": step, **report.to_dict()})
+        emit(self.plugins.manager, EvaluationDone(self.rd.path, epoch, step, dict(report.metrics),
+                                                  dict(report.protocol)))
         if self.console is not None:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in report.metrics.items())
             self.console.print(f"  eval: {shown}", highlight=False)
         return row
 
-    def log_interval(self, phases) -> dict[str, Any]:
-        """Append the "train" row of the log interval that just ended (means of its steps) and start a new one."""
-        pos, acc = self.t.pos, self.t.pos.interval
+    def log_interval(self, phases: Phases, learning_rates: dict[str, float]) -> dict[str, Any]:
+        """Append the "train" row of the log interval that just ended (means of its steps) and start a new one.
+
+        ``phases`` are the gate's of the interval's last step, ``learning_rates`` the optimizers' now.
+        """
+        pos, acc = self.pos, self.pos.interval
         row: dict[str, Any] = {"kind": "train", "epoch": pos.epoch, "step": pos.step,
                                "encoder_acc": pos.encoder_acc.value, "disc_acc": pos.disc_acc.value,
                                "gate": phases.label(), "skipped_steps": pos.skipped_steps,
-                               **pos.means(), **self.t.opt.learning_rates()}
+                               **pos.means(), **learning_rates}
         row["images_per_s"] = acc["images"] / acc["time"] if acc["time"] > 0 else None
-        self.t.metrics.append(row)
+        self.metrics.append(row)
         pos.reset_interval()
         return row
 
@@ -200,28 +233,29 @@ class Monitor:
                 shown.append(f"{label} {row[key]:.3f}")
         self.console.print("  ".join(shown) + f"  ({row['time_s']:.0f}s)", highlight=False)
 
-    def summary(self) -> dict[str, Any]:
-        t = self.t
-        rows = read_metrics(t.rd.metrics_file)
+    def summary(self, *, stopped_by: str | None, divergence_events: int) -> dict[str, Any]:
+        """Return the run's summary (summary.json): ``stopped_by`` names the budget that ended it, if one did."""
+        pos = self.pos
+        rows = read_metrics(self.rd.metrics_file)
         epochs = [r for r in rows if r.get("kind") == "epoch"]
         speeds = [r["images_per_s"] for r in rows if r.get("kind") == "train" and r.get("images_per_s")]
         last = epochs[-1] if epochs else {}
-        peak = (torch.cuda.max_memory_allocated() if t.device.type == "cuda"
+        peak = (torch.cuda.max_memory_allocated() if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return {
             "name": self.recipe.run.name, "objective": self.recipe.objective.plugin,
-            "epochs": t.pos.epoch, "steps": t.pos.step,
+            "epochs": pos.epoch, "steps": pos.step,
             "test_acc": last.get("test_acc"), "test_rec_mse01": last.get("test_rec_mse01"),
-            "best_val_acc": t.pos.best_val_acc if t.pos.best_val_acc >= 0 else None,
-            "train_time_s": t.pos.elapsed,
-            "seconds_per_epoch": t.pos.elapsed / t.pos.epoch if t.pos.epoch else None,
+            "best_val_acc": pos.best_val_acc if pos.best_val_acc >= 0 else None,
+            "train_time_s": pos.elapsed,
+            "seconds_per_epoch": pos.elapsed / pos.epoch if pos.epoch else None,
             "images_per_s": (sum(speeds) / len(speeds)) if speeds else None,
-            "peak_memory_bytes": peak, "device": str(t.device),
-            "parameters": {name: count_parameters(m) for name, m in t.built.modules().items()},
-            "flops_per_image": t.flops_per_image,
-            "skipped_steps": t.pos.skipped_steps,
-            "divergence_events": t.guard.episodes,
-            "stopped_by": t.stopped_by,
+            "peak_memory_bytes": peak, "device": str(self.device),
+            "parameters": {name: count_parameters(m) for name, m in self.built.modules().items()},
+            "flops_per_image": self.flops_per_image,
+            "skipped_steps": pos.skipped_steps,
+            "divergence_events": divergence_events,
+            "stopped_by": stopped_by,
         }
 
 

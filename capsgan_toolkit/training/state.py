@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.step import distributed
 from capsgan_toolkit.step.augment import CentreCropped
-from capsgan_toolkit.errors import CapsganError
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -215,7 +215,7 @@ class DataPlan:
     total_steps: int
 
     @classmethod
-    def make(cls, built, resolved) -> "DataPlan":
+    def make(cls, built, resolved) -> DataPlan:
         """Hold out ``run.val_fraction`` of train (only where the objective classifies: it chooses best.pt)."""
         run = resolved.recipe.run
         train = built.dataset.split("train")

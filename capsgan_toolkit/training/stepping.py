@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from capsgan_toolkit.errors import NumericalError
 from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.step import distributed
-from capsgan_toolkit.errors import NumericalError
 from capsgan_toolkit.step.optim import build_optimizer, clip_gradients, scale_learning_rates
 
 # Which recipe table a logged loss term comes from, and what it trains (for NaN messages).

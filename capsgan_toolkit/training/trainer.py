@@ -4,48 +4,58 @@ What one step computes belongs to the recipe's objective; the loop hands it ``up
 (:mod:`capsgan_toolkit.training.stepping`: NaN checks, backward, clipping, one optimizer step). All that
 decides what happens next (weights, optimizers, schedules, gate, running accuracies, counters,
 RNG states, the position in the epoch, the guard, the EMA) is in each checkpoint: resume is exact.
+
+The trainer holds the parts it wires together: :class:`~capsgan_toolkit.training.checkpointing.Checkpointing`
+(what a checkpoint holds, saving and restoring it) and :class:`~capsgan_toolkit.training.monitor.Monitor`
+(measurements, pictures, progress, the summary), each given explicitly what it uses.
 """
 
 from __future__ import annotations
 
 import signal
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from capsgan_toolkit.rundir import checkpoint as ckpt
-from capsgan_toolkit.step import distributed
-from capsgan_toolkit.recipe.build import Built, build, pick_device
 from capsgan_toolkit.data import batch_loader
+from capsgan_toolkit.errors import Interrupted
+from capsgan_toolkit.evaluation.flops import parts_flops_per_image
+from capsgan_toolkit.interfaces import TrainState
+from capsgan_toolkit.plugin.events import EpochEnd, RunEnd, RunStart, emit
+from capsgan_toolkit.plugin.manager import PluginSet
+from capsgan_toolkit.recipe.build import Built, build, pick_device
+from capsgan_toolkit.recipe.schema import ResolvedRecipe
+from capsgan_toolkit.rundir.folder import RunDir
+from capsgan_toolkit.rundir.reporting import MetricsLog
+from capsgan_toolkit.step import distributed
 from capsgan_toolkit.step.divergence import DivergenceGuard
 from capsgan_toolkit.step.ema import EMA
-from capsgan_toolkit.errors import Interrupted
-from capsgan_toolkit.plugin.events import EpochEnd, RunEnd, RunStart, emit
-from capsgan_toolkit.interfaces import TrainState
-from capsgan_toolkit.evaluation.flops import parts_flops_per_image
-from capsgan_toolkit.training.monitor import Monitor
-from capsgan_toolkit.rundir.reporting import MetricsLog
-from capsgan_toolkit.rundir.folder import RunDir
-from capsgan_toolkit.training.stepping import TERMS, Optimizers
 from capsgan_toolkit.step.speed import Speed
 from capsgan_toolkit.training.checkpointing import Checkpointing
-from capsgan_toolkit.training.state import (DataPlan, Position, StopSignals, encoder_diagnostics, epoch_permutation,
-                                              epoch_seed)
+from capsgan_toolkit.training.monitor import Monitor
+from capsgan_toolkit.training.state import DataPlan, Position, StopSignals, encoder_diagnostics, epoch_permutation, epoch_seed
+from capsgan_toolkit.training.stepping import TERMS, Optimizers
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class _RolledBack(Exception):
     """The divergence guard restored an earlier checkpoint: the epoch restarts from its position."""
 
 
-class Trainer(Checkpointing):
+class Trainer:
     """Train one resolved recipe into a run folder (created by the caller).
 
     ``plugins`` is the loaded PluginSet, ``console`` a rich console (``None``: quiet), ``resume_from``
     a checkpoint path or its loaded state, ``built`` the components if the caller built them already.
     """
 
-    def __init__(self, resolved, plugins, run_dir, *, console=None, resume_from=None, built: Built | None = None):
+    def __init__(self, resolved: ResolvedRecipe, plugins: PluginSet, run_dir: str | Path, *,
+                 console: Console | None = None, resume_from: str | Path | dict[str, Any] | None = None,
+                 built: Built | None = None) -> None:
         self.resolved, self.recipe, self.plugins, self.console = resolved, resolved.recipe, plugins, console
         self.rd = RunDir(run_dir)
         self.built = built if built is not None else build(resolved, plugins)  # seeds the RNGs first
@@ -70,12 +80,18 @@ class Trainer(Checkpointing):
         self.update = self.ema.wrap(self.opt.update) if self.ema is not None else self.opt.update
         self.guard = DivergenceGuard(run.divergence)
         self.metrics = MetricsLog(self.rd.metrics_file) if self.dist.is_main else distributed.DiscardLog()
-        self.monitor = Monitor(self)
-        self.stopped_by, self.signals, self._last_minutes_ckpt = None, StopSignals(), time.monotonic()
+        self.monitor = Monitor(resolved, plugins, self.built, data=data, device=self.device, rd=self.rd,
+                               metrics=self.metrics, pos=self.pos, ema=self.ema, console=console,
+                               flops_per_image=self.flops_per_image)
+        self.checkpoints = Checkpointing(resolved, self.built, self.opt, self.pos, self.guard, self.ema, rd=self.rd,
+                                         metrics=self.metrics, dist=self.dist, events=plugins.manager)
+        self.stopped_by: str | None = None  # the budget that ended training early (run.max_steps, ...)
+        self.signals = StopSignals()
         self.resumed = resume_from is not None
-        if self.resumed:
-            state = resume_from if isinstance(resume_from, dict) else ckpt.load_checkpoint(resume_from, self.device)
-            self._restore(state, resume_from if not isinstance(resume_from, dict) else "the checkpoint")
+        if isinstance(resume_from, dict):
+            self.checkpoints.restore(resume_from, "the checkpoint")
+        elif resume_from is not None:
+            self.checkpoints.restore(self.checkpoints.load(resume_from, self.device), resume_from)
         from capsgan_toolkit.evaluation.evaluator import preflight
 
         preflight(resolved, plugins.registry, self.built.info)  # e.g. Inception weights missing offline: fail now
@@ -112,11 +128,11 @@ class Trainer(Checkpointing):
         self.monitor.say(f"[yellow]warning:[/] {event.get('message', event)}")
         if event.get("action") != "rollback":
             return
-        last = ckpt.latest(self.rd.checkpoints_dir)
-        state = ckpt.load_checkpoint(last, self.device) if last is not None else None
-        if state is not None:
+        last, state = self.checkpoints.latest(), None
+        if last is not None:
+            state = self.checkpoints.load(last, self.device)
             guard = dict(self.guard.state_dict())
-            self._restore(state, last)  # models, optimizers, schedulers, position, gate, RNG, metrics rows
+            self.checkpoints.restore(state, last)  # models, optimizers, schedulers, position, gate, RNG, metrics rows
             self.guard.load_state_dict(guard)
         factor = self.guard.rollback(state["guard"] if state is not None else None)
         self.opt.scale(factor)
@@ -151,14 +167,15 @@ class Trainer(Checkpointing):
             return {}
         self.save("final.pt")
         self.monitor.save_traversal()
-        summary = self.monitor.summary()
+        summary = self.monitor.summary(stopped_by=self.stopped_by, divergence_events=self.guard.episodes)
         self.rd.write_summary(summary)
         emit(self.plugins.manager, RunEnd(self.rd.path, summary))
         return summary
 
     def _run_epoch(self, progress, task) -> None:
         run, pos = self.recipe.run, self.pos
-        order, size = epoch_permutation(run.seed, pos.epoch, len(self.train_set)), self.batch_size * self.dist.world_size
+        order = epoch_permutation(run.seed, pos.epoch, len(self.train_set))
+        size = self.batch_size * self.dist.world_size  # a global batch
         batches = [self.dist.shard(order[i * size:(i + 1) * size].tolist(), self.batch_size)
                    for i in range(pos.batch_in_epoch, self.batches_per_epoch)]
         # An own generator: a DataLoader draws its base seed from the global RNG otherwise (resume-unsafe).
@@ -173,12 +190,12 @@ class Trainer(Checkpointing):
             pos.advance(images.shape[0], now - tick)
             tick = now
             if pos.step % run.log_every == 0:
-                progress.update(task, status=self.monitor.status(self.monitor.log_interval(self.last_phases)))
+                row = self.monitor.log_interval(self.last_phases, self.opt.learning_rates())
+                progress.update(task, status=self.monitor.status(row))
             progress.advance(task)
             if self.dist.any(self.signals.received is not None):  # all ranks stop at the same step
                 self._interrupt()
-            minutes = self.recipe.checkpoint.every_minutes
-            if minutes and time.monotonic() - self._last_minutes_ckpt >= 60 * minutes:
+            if self.checkpoints.minutes_due():
                 self._save_periodic()
             if run.max_steps and pos.step >= run.max_steps:
                 self.stopped_by = "run.max_steps"
@@ -216,8 +233,7 @@ class Trainer(Checkpointing):
             pos.epoch, pos.batch_in_epoch = done, 0
         if improved:
             self.save("best.pt")
-        every = self.recipe.checkpoint.every_epochs
-        if every and done % every == 0 and not last:
+        if self.checkpoints.epoch_due(done) and not last:
             self._save_periodic()
         self.monitor.say_epoch(row)
         emit(self.plugins.manager, EpochEnd(self.rd.path, row["epoch"], row["step"], row, sample,
@@ -230,3 +246,14 @@ class Trainer(Checkpointing):
         where = path if path is not None else f"{self.rd.checkpoint_file('interrupt.pt')} by rank 0"
         raise Interrupted(f"Stopped by {name} at epoch {self.pos.epoch}, step {self.pos.step}; checkpoint saved to "
                           f"{where}. Resume with: capsgan run --resume {self.rd.path}")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, name: str) -> Path | None:
+        """Write checkpoint ``name`` into checkpoints/ (rank 0 only; others return ``None``)."""
+        return self.checkpoints.save(name)
+
+    def _save_periodic(self) -> None:  # a step_*.pt, keeping the last checkpoint.keep_last
+        if self.dist.is_main:
+            self.save(self.checkpoints.periodic_name())
+            self.checkpoints.prune()

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from capsgan_plugins.losses import MarginLoss
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.interfaces import ClassificationLoss, Params, ReconstructionLoss
-from capsgan_plugins.losses import MarginLoss
 
 
 class NanAtStepLoss(ClassificationLoss):

@@ -17,18 +17,17 @@ this package's ``pyproject.toml``; nothing in capsgan-toolkit names it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from capsgan_example_encoder.npz_dataset import NpzImagesDataset
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams
 from capsgan_toolkit.layers import check_image_shape, squash  # building blocks shared with the built-ins
-
-from capsgan_example_encoder.npz_dataset import NpzImagesDataset
 
 __all__ = ["NpzImagesDataset", "PatchMLPEncoder", "capsgan_register", "squash"]
 
