@@ -1,16 +1,19 @@
 """DCGAN-style generator and discriminator (Radford et al., 2016), sized from the image shape.
 
 The generator decodes the encoder's class capsules ``(B, K, D)`` into an image;
-the discriminator scores real versus reconstructed images. Both work for square
-images whose side is a small seed (4 to 7 pixels) times a power of two: 28 px
-(7 * 4), 32 px (4 * 8), 64 px (4 * 16), and 1 or 3 channels.
+the discriminator scores real versus reconstructed images, optionally class-conditionally
+(``projection_classes``: the projection discriminator of Miyato & Koyama 2018), and hands
+its intermediate features to objectives that match them (``forward_with_features``).
+Both work for square images whose side is a small seed (4 to 7 pixels) times a power of
+two: 28 px (7 * 4), 32 px (4 * 8), 64 px (4 * 16), and 1 or 3 channels.
 
 Registered names: generator ``dcgan`` and discriminator ``dcgan``.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -109,6 +112,12 @@ class DCGANDiscriminator(Discriminator):
             False, description="Spectral normalisation on every conv and the head (usually with batch_norm = false)."
         )
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability after every conv block.")
+        projection_classes: int | None = Field(
+            None, ge=2,
+            description="Class-conditional projection discriminator (Miyato & Koyama 2018) over this many "
+                        "classes (the data set's number): logit = head(h) + <embed(y), h>, h the flattened "
+                        "features. Unset: unconditional (the report's discriminator).",
+        )
 
     def __init__(self, params: Params, *, image_shape: Sequence[int]):
         super().__init__(params, image_shape=image_shape)
@@ -124,10 +133,39 @@ class DCGANDiscriminator(Discriminator):
         )
         head = nn.Linear(out_channels * (side >> depth) ** 2, 1)
         self.head = nn.utils.parametrizations.spectral_norm(head) if params.spectral_norm else head
+        self.projection_classes = params.projection_classes
+        if params.projection_classes is not None:
+            embed = nn.Embedding(params.projection_classes, head.in_features)
+            nn.init.xavier_uniform_(embed.weight)  # as in Miyato & Koyama's code (Glorot uniform)
+            self.embed = nn.utils.parametrizations.spectral_norm(embed) if params.spectral_norm else embed
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Return real/fake logits ``(B,)``; positive means real."""
-        return self.head(self.features(images).flatten(1)).squeeze(1)
+    def _logits(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        out = self.head(h).squeeze(1)
+        if labels is not None and self.projection_classes is not None:
+            out = out + (self.embed(labels.long()) * h).sum(1)
+        return out
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Return real/fake logits ``(B,)``; positive means real.
+
+        With ``projection_classes``, ``labels`` ``(B,)`` add the projection term
+        ``<embed(y), h>``; without labels the logit is the unconditional part alone.
+        """
+        return self._logits(self.features(images).flatten(1), labels)
+
+    def forward_with_features(self, images: torch.Tensor,
+                              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Return the logits of :meth:`forward` and every conv block's output (after its LeakyReLU).
+
+        The same computation as :meth:`forward`, layer by layer; objectives match these
+        features between real and generated images (``feature_matching_weight``).
+        """
+        x, maps = images, []
+        for layer in self.features:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                maps.append(x)
+        return self._logits(x.flatten(1), labels), maps
 
 
 @hookimpl

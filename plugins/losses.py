@@ -7,6 +7,9 @@ Registered names, one family per recipe slot (``classification_loss``, ``reconst
   ``cross_entropy`` (softmax over capsule lengths, for CNN-style baselines);
 - reconstruction: ``mse``, ``l1``;
 - adversarial: ``minimax`` (the report's eq. 2 as written), ``nonsaturating``, ``hinge``.
+
+Not a registered component: :func:`r1_penalty`, the R1 gradient penalty on real images
+(Mescheder et al. 2018), which the ``reconstruction_gan`` objective adds with ``r1_weight``.
 """
 
 from __future__ import annotations
@@ -163,6 +166,19 @@ class HingeLoss(AdversarialLoss):
     def discriminator_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
         """Return relu(1 - real).mean() + relu(1 + fake).mean()."""
         return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
+    """Return ``E |grad_x D(x)|^2`` over the batch: the R1 penalty of Mescheder et al. (2018) without its gamma / 2.
+
+    ``real_logits`` must come from ``real_images`` with ``requires_grad``; the result keeps its
+    graph (``create_graph``), so the penalty trains the discriminator's weights. Each image's
+    gradient is that of the summed logits, which is its own logit's gradient when the
+    discriminator treats images independently (with BatchNorm, the batch statistics add
+    cross terms).
+    """
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
 
 
 @hookimpl

@@ -22,6 +22,7 @@ from capsgan_plugins.losses import (
     MinimaxLoss,
     MSELoss,
     NonSaturatingLoss,
+    r1_penalty,
 )
 from capsgan_toolkit import layers
 from capsgan_toolkit import testing as kit
@@ -286,6 +287,71 @@ def test_bce_losses_stay_finite_for_extreme_logits():
         assert loss.discriminator_loss(real, fake).item() == pytest.approx(_mean([0.0, 1e4]) * 2, rel=1e-6)
 
 
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.mark.parametrize(
+    ("cls", "want_g_grad", "want_d_real_grad", "want_d_fake_grad"),
+    [
+        # d/df softplus(-f) = -sigmoid(-f); d/dr softplus(-r) = -sigmoid(-r); d/df softplus(f) = sigmoid(f)
+        (NonSaturatingLoss, [-_sigmoid(-f) / len(FAKE) for f in FAKE],
+         [-_sigmoid(-r) / len(REAL) for r in REAL], [_sigmoid(f) / len(FAKE) for f in FAKE]),
+        # hinge: d/dr relu(1 - r) = -1 where r < 1; d/df relu(1 + f) = 1 where f > -1; the generator's -f: -1
+        (HingeLoss, [-1.0 / len(FAKE)] * len(FAKE),
+         [(-1.0 if r < 1 else 0.0) / len(REAL) for r in REAL], [(1.0 if f > -1 else 0.0) / len(FAKE) for f in FAKE]),
+    ],
+)
+def test_nonsaturating_and_hinge_gradients_match_hand_formulas(cls, want_g_grad, want_d_real_grad, want_d_fake_grad):
+    loss = cls(cls.Params())
+    real = torch.tensor(REAL, dtype=torch.float64, requires_grad=True)
+    fake = torch.tensor(FAKE, dtype=torch.float64, requires_grad=True)
+    (g_fake,) = torch.autograd.grad(loss.generator_loss(fake), fake)
+    d_real, d_fake = torch.autograd.grad(loss.discriminator_loss(real, fake), (real, fake))
+    np.testing.assert_allclose(g_fake.numpy(), want_g_grad, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(d_real.numpy(), want_d_real_grad, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(d_fake.numpy(), want_d_fake_grad, rtol=1e-12, atol=1e-300)
+
+
+class _TanhCritic(torch.nn.Module):
+    """D(x) = sum_i a_i tanh(b_i x_i) + c: its input gradient, a_i b_i (1 - tanh^2(b_i x_i)), is known by hand."""
+
+    def __init__(self, size: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.nn.Parameter(torch.randn(size, generator=g, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.rand(size, generator=g, dtype=torch.float64) + 0.5)
+        self.c = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        return (self.a * torch.tanh(self.b * x.flatten(1))).sum(1) + self.c
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_r1_penalty_matches_the_hand_gradient_norm_and_trains_the_discriminator(seed):
+    critic = _TanhCritic(2 * 3 * 3, seed)
+    x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+    a, b = critic.a.detach().numpy(), critic.b.detach().numpy()
+    want = 0.0
+    for image in x.numpy():
+        flat = image.reshape(-1)
+        want += sum((a[i] * b[i] * (1.0 - math.tanh(b[i] * flat[i]) ** 2)) ** 2 for i in range(flat.size))
+    want /= x.shape[0]
+    real = x.clone().requires_grad_(True)
+    assert r1_penalty(critic(real), real).item() == pytest.approx(want, rel=1e-12)
+    # A linear critic's gradient is its weight vector for every image: R1 = |w|^2.
+    linear = torch.nn.Linear(18, 1).double()
+    real = x.clone().requires_grad_(True)
+    assert r1_penalty(linear(real.flatten(1)).squeeze(1), real).item() == pytest.approx(
+        float((linear.weight.detach() ** 2).sum()), rel=1e-12)
+    # The penalty keeps its graph: its gradient reaches the critic's weights (checked numerically).
+    assert torch.autograd.gradcheck(
+        lambda a_, b_: r1_penalty(torch.func.functional_call(critic, {"a": a_, "b": b_, "c": critic.c},
+                                                             (real,)), real),
+        (critic.a.detach().clone().requires_grad_(True), critic.b.detach().clone().requires_grad_(True)))
+    assert r1_penalty(critic.c + 0.0 * real.sum((1, 2, 3)), real).item() == 0.0  # a constant critic: no penalty
+
+
 # ------------------------------------------------------------------------ model shapes
 # The family contracts (shapes, finite values, gradients reaching every parameter, ranges) are
 # capsgan_toolkit.testing's; here they run on parameter variants the registry test does not try.
@@ -341,6 +407,57 @@ def test_dcgan_generator_nearest_upsampling_is_upsample_then_conv():
 )
 def test_dcgan_discriminator_shapes_and_gradients(params):
     kit.check_discriminator(DCGANDiscriminator, params, image_shapes=SHAPES)
+
+
+def _disc(shape=(3, 32, 32), **params):
+    torch.manual_seed(0)
+    return DCGANDiscriminator(DCGANDiscriminator.Params(base_channels=4, **params), image_shape=shape).double()
+
+
+@pytest.mark.parametrize("spectral", [False, True])
+def test_projection_discriminator_adds_the_class_embedding_inner_product(spectral):
+    params = {"batch_norm": not spectral, "spectral_norm": spectral}
+    plain, disc = _disc(**params), _disc(projection_classes=K, **params)
+    disc.eval()
+    x = torch.rand(5, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 3, 9, 3, 1])
+    h = disc.features(x).flatten(1)
+    head = disc.head(h).squeeze(1)
+    embed = disc.embed.weight.detach()  # (K, F); with spectral norm, the normalised weight
+    want = head + torch.stack([embed[int(y)] @ h[i] for i, y in enumerate(labels)])
+    assert torch.allclose(disc(x, labels), want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(disc(x), head, atol=0)  # no labels: the unconditional part alone
+    assert not torch.allclose(disc(x, labels), disc(x, (labels + 1) % K))
+    assert embed.shape == (K, h.shape[1])
+    # The unconditional discriminator is as it was: no embedding among its weights.
+    assert not any("embed" in k for k in plain.state_dict()) and plain.projection_classes is None
+    disc.train()
+    disc(x, labels).sum().backward()
+    grads = dict(disc.named_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in grads.values()), \
+        [n for n, p in grads.items() if p.grad is None or p.grad.abs().sum() == 0]
+    with pytest.raises(ValidationError, match="projection_classes"):
+        DCGANDiscriminator.Params(projection_classes=1)
+
+
+@pytest.mark.parametrize("params", [{}, {"batch_norm": False, "spectral_norm": True, "dropout": 0.0},
+                                    {"projection_classes": K}])
+def test_forward_with_features_returns_forward_and_every_blocks_activation(params):
+    disc = _disc(**params).eval()
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([1, 2, 3])
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.clone()))
+             for m in disc.features if isinstance(m, torch.nn.LeakyReLU)]
+    try:
+        logits, maps = disc.forward_with_features(x, labels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(maps) == len(seen) == layers.strided_depth(32) == 3
+    assert all(torch.equal(a, b) for a, b in zip(maps, seen))
+    assert [m.shape[-1] for m in maps] == [16, 8, 4]
+    assert torch.allclose(logits, disc(x, labels), rtol=0, atol=1e-12)
 
 
 def test_dcgan_layout_follows_the_report_sizes():

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, invoke, write_toml
 
-from capsgan_toolkit.recipe.build import build
 from capsgan_toolkit.errors import ContractError, RecipeError
 from capsgan_toolkit.interfaces import Encoder, EncoderParams, Phases
+from capsgan_toolkit.recipe.build import build
 from capsgan_toolkit.recipe.schema import resolve
-from helpers import TINY_RECIPE, invoke, write_toml
 
 DCGAN = {
     "run": {"name": "tiny-dcgan", "seed": 0, "epochs": 1, "device": "cpu", "steps_per_epoch": 3, "log_every": 1},
