@@ -138,6 +138,13 @@ _METRICS = (
                       "higher", _FRACTION),),
            ("metric", "images", "num_generated", "sample_seed", "feature_extractor"),
            feature_extractor=True, class_logits=True, conditional=True),
+    Metric("rec_acc", "how often a domain classifier recognises the true class of a reconstruction "
+           "(gen_condacc's ceiling)", "reconstruction",
+           (ResultKey("rec_acc", "rec_acc{count}_{split}_{label}",
+                      "accuracy of the extractor's classifier on reconstructions of held-out images (true labels)",
+                      "higher", _FRACTION),),
+           ("metric", "images", *_REF, "feature_extractor"),
+           feature_extractor=True, class_logits=True),
 )
 
 CATALOGUE: dict[str, Metric] = {m.name: m for m in _METRICS}
@@ -243,6 +250,14 @@ def direction(key: str, default: Any = _UNSET) -> Direction:
     return default if info is None else info.direction
 
 
+def resolution(key: str, num_images: int | None) -> float:
+    """The smallest step a result key can move by: ``1 / num_images`` for a proportion, else 0 (continuous)."""
+    info = _lookup(key)
+    if info is None or info.unit != _FRACTION or not num_images:
+        return 0.0
+    return 1.0 / num_images
+
+
 def describe(key: str) -> str:
     """One sentence for people: what a result key measures, on what, which way is better, its unit."""
     parsed = parse(key)
@@ -296,7 +311,7 @@ class EvalSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metrics: list[str] = Field(
-        default_factory=lambda: ["acc", "rec", "rec_fid", "gen_fid", "gen_kid", "gen_is", "gen_condacc"],
+        default_factory=lambda: ["acc", "rec", "rec_fid", "gen_fid", "gen_kid", "gen_is", "gen_condacc", "rec_acc"],
         description=f"Metrics to compute; any of: {', '.join(EVAL_METRICS)}. Those the objective cannot give "
                     "are skipped, with the reason.")
     every_epochs: int = Field(0, ge=0, description='Epochs between evaluations during training (rows of kind '

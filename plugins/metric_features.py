@@ -1,9 +1,10 @@
 """Built-in feature extractors for FID / KID / IS-style scores (family ``metric_features``).
 
-* ``domain_classifier``: a small CNN trained on the recipe's own data set, cached on
-  disk and reproducible by seed. Runs offline, and fits MNIST-like data where ImageNet
+* ``domain_classifier``: a small CNN trained on the recipe's own data set, with blur,
+  noise and shift augmentation (so blurry images are not judged as another class), cached
+  on disk and reproducible by seed. Runs offline, and fits MNIST-like data where ImageNet
   Inception features fit poorly. Its penultimate layer gives FID/KID/PRC features, its
-  class logits an Inception-style score and a class-conditional accuracy.
+  class logits an Inception-style score and the accuracies ``gen_condacc`` and ``rec_acc``.
 * ``inception``: torch-fidelity's Inception-v3 (TF 2015-12-05 weights), the network of
   published FID/IS numbers. torch-fidelity downloads its weights; offline, give a local
   file with its ``weights`` param (``[eval.features.<label>] weights = "FILE"``) or
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -37,8 +40,8 @@ from torch import nn
 
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import CapsganError
-from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup, Params
 from capsgan_toolkit.evaluation.scores import to_fidelity_images
+from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup, Params
 from capsgan_toolkit.progress import progress_task
 
 INCEPTION_URL = (
@@ -76,8 +79,96 @@ def _state_hash(state: dict[str, torch.Tensor]) -> str:
 
 # --------------------------------------------------------------- domain classifier
 
+DOMAIN_CACHE_VERSION = 2
+"""The domain classifier's training procedure, in its cache key: 1 trained on clean images
+at a constant learning rate; 2 adds :data:`AUGMENTATION`, a one-cycle schedule
+(:data:`WARMUP_SHARE`), :data:`MIN_EPOCH_STEPS` and the blurred held-out accuracies. A cached network of another
+version is never reused."""
 
-def _split_images(split, limit: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+MIN_EPOCH_STEPS = 100
+"""The domain classifier's epoch is at least this many optimizer steps: a smaller training split
+is passed over several times (5000 images at batch size 64: two passes). Augmented images
+take more steps to learn than clean ones; this keeps small data sets' judges trained enough."""
+
+WARMUP_SHARE = 0.2
+"""The one-cycle schedule of the domain classifier: the learning rate rises to its ``lr`` over
+this share of the steps, then falls (cosine) to ``lr / 25e4``; the final weights are those of a
+settled network, not of a high learning rate's last steps."""
+
+
+@dataclass(frozen=True)
+class JudgeAugmentation:
+    """How each training batch of the domain classifier is augmented (:func:`augment_batch`).
+
+    Groups of ``group_size`` images share a shift of up to ``shift_px`` pixels in x and y
+    (edge pixels repeated) and, for a ``blur_share`` of the groups, a Gaussian blur with
+    sigma drawn uniformly from ``blur_sigma_px``; then each image gets Gaussian pixel noise
+    with its own std, uniform in ``[0, noise_std_max]`` (0-255 units).
+    """
+
+    group_size: int = 8
+    shift_px: int = 2
+    blur_share: float = 0.5
+    blur_sigma_px: tuple[float, float] = (0.5, 2.5)
+    noise_std_max: float = 10.0
+
+
+AUGMENTATION = JudgeAugmentation()
+"""The domain classifier's augmentation; recorded in its cache key and its weights file's ``meta``."""
+
+BLUR_SIGMAS = (1.0, 2.0)
+"""Gaussian blurs (sigma in pixels) under which the held-out accuracy is measured and recorded."""
+
+
+def blur_images(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian-blur a batch ``(B, C, H, W)`` with ``sigma`` pixels (torchvision.transforms.v2).
+
+    The kernel spans three sigmas each side (``2 * ceil(3 * sigma) + 1`` taps, cut to the
+    image when that is smaller), borders mirrored (torchvision's reflect padding); uint8 in,
+    uint8 out (rounded), as a blurred image file would be. ``sigma <= 0`` returns ``images``.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    if sigma <= 0:
+        return images
+    taps = min(2 * math.ceil(3 * sigma) + 1, 2 * min(images.shape[-2:]) - 1)
+    return TF.gaussian_blur(images, kernel_size=[taps, taps], sigma=[float(sigma), float(sigma)])
+
+
+def _augmentation_record() -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(AUGMENTATION).items()}
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, *, channels: int = 3) -> torch.Tensor:
+    """Augment a float batch ``(B, 3, H, W)`` of 0-255 pixels as :data:`AUGMENTATION` says.
+
+    Every random number is drawn from ``generator`` on the CPU, the same count for every
+    batch, so the result is a pure function of the images and the generator's state, on any
+    device. ``channels = 1`` (a grey data set, replicated to RGB) draws one noise value per
+    pixel for all three channels, so images stay grey. Returns rounded values in [0, 255].
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    aug = AUGMENTATION
+    shift, (lo, hi) = aug.shift_px, aug.blur_sigma_px
+    height, width = images.shape[-2:]
+    groups = []
+    for start in range(0, images.shape[0], aug.group_size):
+        offsets = torch.randint(-shift, shift + 1, (2,), generator=generator).tolist()
+        blurred = torch.rand((), generator=generator).item() < aug.blur_share
+        sigma = lo + (hi - lo) * torch.rand((), generator=generator).item()
+        group = images[start:start + aug.group_size]
+        if shift:
+            group = TF.pad(group, [shift] * 4, padding_mode="edge")
+            group = TF.crop(group, shift + offsets[0], shift + offsets[1], height, width)
+        groups.append(blur_images(group, sigma) if blurred else group)
+    out = torch.cat(groups)
+    std = aug.noise_std_max * torch.rand(out.shape[0], 1, 1, 1, generator=generator)
+    noise = torch.randn(out.shape[0], 1 if channels == 1 else out.shape[1], height, width, generator=generator)
+    return (out + (std * noise).to(out.device)).clamp_(0, 255).round_()
+
+
+def split_images(split, limit: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return up to ``limit`` (0: all) images of a split as uint8 RGB, with their labels."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -91,11 +182,13 @@ def _split_images(split, limit: int, generator: torch.Generator | None) -> tuple
 
 
 @torch.no_grad()
-def _recompute_batchnorm(net: nn.Module, images: torch.Tensor, device: torch.device, limit: int = 4000) -> None:
+def _recompute_batchnorm(net: nn.Module, images: torch.Tensor, device: torch.device, limit: int = 4000,
+                         augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Set BatchNorm statistics to plain averages over training images of the final weights.
 
     The running averages collected during training lag behind the weights; features of
     the trained network should not depend on the last few hundred steps' batches.
+    ``augment`` (float 0-255 batch -> batch) makes them averages over images augmented as in training.
     """
     norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:
@@ -103,56 +196,86 @@ def _recompute_batchnorm(net: nn.Module, images: torch.Tensor, device: torch.dev
         m.momentum = None  # cumulative average
     net.train()
     for i in range(0, min(limit, images.shape[0]), 200):
-        net(images[i:i + 200].to(device))
+        batch = images[i:i + 200].to(device).float()
+        net(augment(batch) if augment is not None else batch)
     net.eval()
 
 
-def train_domain_net(dataset, params: "DomainClassifierParams", info, *, device: torch.device, path: Path,
+@torch.no_grad()
+def held_out_accuracy(classify: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                      sigma: float = 0.0, batch_size: int = 500) -> float:
+    """Accuracy of ``classify`` (uint8 RGB -> logits) on ``images``, blurred first by :func:`blur_images` with ``sigma``."""
+    correct = 0
+    for i in range(0, images.shape[0], batch_size):
+        logits = classify(blur_images(images[i:i + batch_size], sigma))
+        correct += int((logits.argmax(1).cpu() == labels[i:i + batch_size]).sum())
+    return correct / max(images.shape[0], 1)
+
+
+def train_domain_net(dataset, params: DomainClassifierParams, info, *, device: torch.device, path: Path,
                      progress=None) -> Path:
     """Train a domain classifier network on the training split and save it, with its held-out accuracy, to ``path``.
 
-    Everything random (initialisation, subset, batch order) comes from ``params.seed``;
-    the caller's random state is left as it was. ``progress`` (a
-    :class:`capsgan_toolkit.progress.Progress` or a ``log(text)`` callable) shows the steps.
+    Every batch is augmented (:func:`augment_batch`, :data:`AUGMENTATION`); Adam's learning
+    rate follows a one-cycle schedule peaking at ``params.lr`` (:data:`WARMUP_SHARE`); an epoch is at
+    least :data:`MIN_EPOCH_STEPS` steps. Everything
+    random (initialisation, subset, batch order, augmentation) comes from ``params.seed``;
+    the caller's random state is left as it was. The saved ``meta`` holds the accuracy on
+    (up to 2000) test images, clean and blurred with each of :data:`BLUR_SIGMAS`.
+    ``progress`` (a :class:`capsgan_toolkit.progress.Progress` or a ``log(text)`` callable) shows the steps.
     """
     from capsgan_plugins.fidelity_adapters import DomainNet
 
     devices = [device] if device.type == "cuda" else []
+    grey = info.image_shape[0] == 1
     with torch.random.fork_rng(devices=devices), torch.enable_grad():  # callers may be inside no_grad
         torch.manual_seed(params.seed)
         generator = torch.Generator().manual_seed(params.seed)
-        images, labels = _split_images(dataset.split("train"), params.max_train_images, generator)
+        augmenter = torch.Generator().manual_seed(params.seed + 1)  # its own stream: batches stay those of the seed
+        images, labels = split_images(dataset.split("train"), params.max_train_images, generator)
         arch = {"num_classes": info.num_classes, "image_size": tuple(info.image_shape[1:]),
                 "channels": params.channels, "feature_dim": params.feature_dim}
         net = DomainNet(**arch).to(device)
         optimizer = torch.optim.Adam(net.parameters(), lr=params.lr)
         start = time.perf_counter()
         net.train()
-        steps = params.epochs * -(-images.shape[0] // params.batch_size)
-        description = (f"Training the domain classifier ({params.epochs} epochs of {images.shape[0]} images, "
-                       f"cached as {path.name})")
+        per_pass = -(-images.shape[0] // params.batch_size)
+        passes = -(-MIN_EPOCH_STEPS // per_pass)  # a small split is passed over several times per epoch
+        steps = params.epochs * passes * per_pass
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=params.lr, total_steps=max(steps, 2),
+                                                       pct_start=WARMUP_SHARE)
+        times = f" x {passes} passes" if passes > 1 else ""
+        description = (f"Training the domain classifier ({params.epochs} epochs{times} of {images.shape[0]} "
+                       f"augmented images; cached as {path.name})")
         with progress_task(progress, description, steps) as advance:
-            for _ in range(params.epochs):
+            for _ in range(params.epochs * passes):
                 order = torch.randperm(images.shape[0], generator=generator)
                 for i in range(0, images.shape[0], params.batch_size):
                     advance(1)
                     batch = order[i:i + params.batch_size]
                     if batch.numel() < 2:  # BatchNorm needs two images
                         continue
-                    loss = F.cross_entropy(net(images[batch].to(device))[1], labels[batch].to(device))
+                    x = augment_batch(images[batch].to(device).float(), augmenter, channels=1 if grey else 3)
+                    loss = F.cross_entropy(net(x)[1], labels[batch].to(device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-        _recompute_batchnorm(net, images, device)
-        test_images, test_labels = _split_images(dataset.split("test"), 2000, None)
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, test_images.shape[0], 500):
-                logits = net(test_images[i:i + 500].to(device))[1]
-                correct += (logits.argmax(1).cpu() == test_labels[i:i + 500]).sum().item()
-    meta = {"test_accuracy": correct / max(test_images.shape[0], 1), "test_images": int(test_images.shape[0]),
-            "train_images": int(images.shape[0]), "train_seconds": time.perf_counter() - start,
-            "params": params.model_dump()}
+                    schedule.step()
+        statistics = torch.Generator().manual_seed(params.seed + 2)
+        _recompute_batchnorm(net, images, device,
+                             augment=lambda x: augment_batch(x, statistics, channels=1 if grey else 3))
+        test_images, test_labels = split_images(dataset.split("test"), 2000, None)
+
+        def classify(x: torch.Tensor) -> torch.Tensor:
+            return net(x.to(device))[1]
+
+        accuracy = {sigma: held_out_accuracy(classify, test_images, test_labels, sigma)
+                    for sigma in (0.0, *BLUR_SIGMAS)}
+    meta = {"test_accuracy": accuracy[0.0], "test_images": int(test_images.shape[0]),
+            "test_accuracy_blurred": {f"sigma{s:g}": accuracy[s] for s in BLUR_SIGMAS},
+            "train_images": int(images.shape[0]), "passes_per_epoch": passes, "train_seconds": time.perf_counter() - start,
+            "params": params.model_dump(), "version": DOMAIN_CACHE_VERSION, "augmentation": _augmentation_record(),
+            "schedule": f"one-cycle, peak lr {params.lr:g}, warm-up {WARMUP_SHARE:g} of {steps} steps"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"arch": arch, "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "meta": meta}, tmp)
@@ -160,16 +283,40 @@ def train_domain_net(dataset, params: "DomainClassifierParams", info, *, device:
     return path
 
 
+def domain_cache_path(cache_dir: Path, *, data_id: str, params: Params, info, device: torch.device) -> Path:
+    """Where the domain classifier for this data set, params and device type is cached.
+
+    The key holds :data:`DOMAIN_CACHE_VERSION` and :data:`AUGMENTATION`, so a network trained
+    by another procedure is never reused.
+    """
+    key = json.dumps({"format": 1, "version": DOMAIN_CACHE_VERSION, "augmentation": _augmentation_record(),
+                      "warmup_share": WARMUP_SHARE,
+                      "data": data_id, "params": params.model_dump(), "classes": info.num_classes,
+                      "shape": list(info.image_shape), "device": device.type}, sort_keys=True)
+    return cache_dir / "metric_features" / f"domain_classifier-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def describe_domain_net(identity: str, meta: dict) -> str:
+    """The protocol's text for a trained domain classifier: weights hash, held-out accuracy clean and blurred."""
+    blurred = {s: meta.get("test_accuracy_blurred", {}).get(f"sigma{s:g}") for s in BLUR_SIGMAS}
+    shown = {s: v for s, v in blurred.items() if v is not None}
+    blur = (f" (blurred with sigma {' / '.join(f'{s:g}' for s in shown)} px: "
+            f"{' / '.join(f'{v:.3f}' for v in shown.values())})") if shown else ""
+    return (f"domain_classifier (weights sha256 {identity[:12]}, held-out accuracy {meta['test_accuracy']:.3f}"
+            f"{blur} on {meta['test_images']} test images)")
+
+
 class DomainClassifierParams(Params):
     """Params of the domain classifier feature extractor."""
 
-    epochs: int = Field(5, ge=1, description="Training epochs over the training split.")
+    epochs: int = Field(5, ge=1, description="Training epochs over the training split (each at least 100 steps: "
+                                             "a small split is passed over several times).")
     channels: int = Field(32, ge=4, description="Width of the first conv layers (doubled twice).")
     feature_dim: int = Field(128, ge=8, description="Size of the penultimate layer: the FID/KID features.")
     batch_size: int = Field(64, ge=8, description="Images per training step.")
-    lr: float = Field(2e-3, gt=0, description="Adam learning rate.")
+    lr: float = Field(2e-3, gt=0, description="Adam's peak learning rate (a one-cycle schedule).")
     max_train_images: int = Field(20000, ge=0, description="Training images used (a seeded subset); 0: all.")
-    seed: int = Field(0, ge=0, description="Seed of its initialisation, subset and batch order.")
+    seed: int = Field(0, ge=0, description="Seed of its initialisation, subset, batch order and augmentation.")
 
 
 class DomainClassifier(FeatureExtractor):
@@ -181,10 +328,7 @@ class DomainClassifier(FeatureExtractor):
                 log: Callable[[str], None] | None = None) -> FeatureSetup:
         from capsgan_plugins.fidelity_adapters import DOMAIN_FIDELITY_NAME, load_domain_net  # registers them too
 
-        key = json.dumps({"format": 1, "data": data_id, "params": self.params.model_dump(),
-                          "classes": self.info.num_classes, "shape": list(self.info.image_shape),
-                          "device": device.type}, sort_keys=True)
-        path = cache_dir / "metric_features" / f"domain_classifier-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        path = domain_cache_path(cache_dir, data_id=data_id, params=self.params, info=self.info, device=device)
         if not path.is_file():
             train_domain_net(dataset, self.params, self.info, device=device, path=path, progress=log)
         try:
@@ -202,8 +346,7 @@ class DomainClassifier(FeatureExtractor):
         return FeatureSetup(
             fidelity_kwargs={"feature_extractor": DOMAIN_FIDELITY_NAME, "feature_extractor_weights_path": str(path)},
             identity=identity,
-            description=(f"domain_classifier (weights sha256 {identity[:12]}, held-out accuracy "
-                         f"{payload['meta']['test_accuracy']:.3f} on {payload['meta']['test_images']} test images)"),
+            description=describe_domain_net(identity, payload["meta"]),
             metrics=frozenset({"fid", "kid", "isc", "prc"}),
             classifier=classify,
         )

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import TINY_RECIPE, write_toml
 from PIL import Image
 
-from capsgan_toolkit.compare import stats
 from capsgan_toolkit.cli.compare import compare_command
+from capsgan_toolkit.compare import stats
 from capsgan_toolkit.compare.fairness import category, compare_recipes
 from capsgan_toolkit.compare.spec import CompareError, load_spec
-from helpers import TINY_RECIPE, write_toml
 
 EVAL_TABLE = {"metrics": ["acc", "gen_fid"], "num_images": 100, "seed": 0, "reference_split": "test",
               "features": {"domain": {"plugin": "domain_classifier"}}, "batch_size": 100}
@@ -33,8 +33,12 @@ T975 = {1: 12.706204736174704, 2: 4.302652729749464, 3: 3.182446305284263, 4: 2.
 
 
 def fabricate(root: Path, arm: str, seed: int, *, fid: float, acc: float | None, encoder: str | None,
-              batch: int = 8, eval_table: dict | None = None, epochs: int = 2) -> Path:
-    """Write a finished, evaluated run folder by hand: recipe, summary, eval, metrics, a sample PNG."""
+              batch: int = 8, eval_table: dict | None = None, epochs: int = 2, steps: int = 6,
+              extra: dict[str, tuple[float, dict]] | None = None) -> Path:
+    """Write a finished, evaluated run folder by hand: recipe, summary, eval, metrics, a sample PNG.
+
+    ``extra``: more eval.json metrics, key -> (value, protocol record).
+    """
     path = root / arm / f"seed-{seed}"
     (path / "checkpoints").mkdir(parents=True)
     (path / "samples").mkdir()
@@ -42,9 +46,15 @@ def fabricate(root: Path, arm: str, seed: int, *, fid: float, acc: float | None,
     recipe = copy.deepcopy(TINY_RECIPE)
     recipe["run"].update(name=f"{arm}-seed-{seed}", seed=seed, epochs=epochs)
     recipe["data"]["batch_size"] = batch
-    if encoder is None:
+    if encoder is None:  # a valid DCGAN recipe: no encoder, its own losses, optimizers and gate
         del recipe["encoder"]
         recipe["objective"] = {"plugin": "dcgan"}
+        recipe["losses"] = {"adversarial": {"plugin": "nonsaturating"}}
+        recipe["optim"] = {"generator": {"lr": 1e-3}, "discriminator": {"lr": 1e-3}}
+        recipe["gate"] = {"plugin": "always"}
+    elif encoder == "capsnet":  # a valid capsule recipe: only [encoder] differs from the CNN's
+        recipe["encoder"] = {"plugin": "capsnet", "conv1_channels": 8, "primary_types": 2, "class_dim": 4,
+                             "latent": "true_class"}
     else:
         recipe["encoder"]["plugin"] = encoder
     table = eval_table or EVAL_TABLE
@@ -54,7 +64,7 @@ def fabricate(root: Path, arm: str, seed: int, *, fid: float, acc: float | None,
     if encoder:
         parts["encoder"] = 5000 if encoder == "capsnet" else 3000
     (path / "summary.json").write_text(json.dumps({
-        "name": recipe["run"]["name"], "epochs": epochs, "steps": 6, "train_time_s": 10.0 + seed + len(arm),
+        "name": recipe["run"]["name"], "epochs": epochs, "steps": steps, "train_time_s": 10.0 + seed + len(arm),
         "images_per_s": 100.0 + 7 * seed - len(arm), "peak_memory_bytes": 2**28 + seed, "device": "cpu",
         "parameters": parts, **({"test_acc": acc - 0.01} if acc is not None else {})}), encoding="utf-8")
     metrics = {f"gen_fid{table['num_images']}_test_domain": fid}
@@ -62,6 +72,8 @@ def fabricate(root: Path, arm: str, seed: int, *, fid: float, acc: float | None,
     if acc is not None:
         metrics["acc32_test"] = acc
         protocol["acc32_test"] = {"images": "the whole test split (32)"}
+    for key, (value, record) in (extra or {}).items():
+        metrics[key], protocol[key] = value, record
     (path / "eval.json").write_text(json.dumps({"metrics": metrics, "protocol": protocol, "eval": table, "step": 6}),
                                     encoding="utf-8")
     with open(path / "metrics.jsonl", "w", encoding="utf-8") as fh:
@@ -111,13 +123,21 @@ def test_t_quantile_matches_tables_and_scipy():
             assert stats.t_quantile(1 - p, df) == pytest.approx(scipy_stats.t.ppf(1 - p, df), rel=1e-9)
 
 
+def _p_df2(diffs: list[float]) -> float:
+    """Two-sided p-value of a paired t-test on 3 seeds, by hand: with 2 degrees of freedom the t distribution
+    has the closed form P(|T| > t) = 1 - t / sqrt(2 + t^2)."""
+    mean, std, _, _ = _hand_interval(diffs)
+    t = abs(mean / (std / math.sqrt(len(diffs))))
+    return 1 - t / math.sqrt(2 + t * t)
+
+
 def test_statistics_match_a_hand_computation(runs, tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(compare_command, [*_all_dirs(runs), "--out", str(out), "--baseline", "dcgan",
                                                   "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "compare.json").read_text())
-    assert report["schema"] == 1 and report["baseline"] == "dcgan" and report["seeds"] == [0, 1, 2]
+    assert report["schema"] == 2 and report["baseline"] == "dcgan" and report["seeds"] == [0, 1, 2]
     fid = next(m for m in report["metrics"] if m["name"] == "gen_fid100_test_domain")
     assert fid["direction"] == "lower" and fid["protocol"]["num_generated"] == 100
     for arm, values in FID.items():
@@ -133,24 +153,48 @@ def test_statistics_match_a_hand_computation(runs, tmp_path):
         assert got["mean"] == pytest.approx(mean, abs=1e-12) and got["ci95_t"] == pytest.approx([lo, hi], abs=1e-9)
         boot_lo, boot_hi = got["ci95_bootstrap"]
         assert min(diffs) <= boot_lo <= mean <= boot_hi <= max(diffs)
-        expected = "not distinguishable with 3 seeds"
-        if hi < 0:
-            expected = "better"  # lower FID
-        elif lo > 0:
-            expected = "worse"
-        assert got["verdict"] == expected
-    # capsule: differences -5, -4.5, -4.5: the interval excludes 0, and lower FID is better.
+    # capsule: differences -5, -4.5, -4.5: the interval excludes 0, lower FID is better, and Holm keeps it.
     assert fid["vs_baseline"]["capsule"]["verdict"] == "better"
-    assert fid["vs_baseline"]["cnn"]["verdict"] == "not distinguishable with 3 seeds"
-    # The DCGAN has no encoder: no accuracy for it, so no paired accuracy difference either.
+    assert fid["vs_baseline"]["cnn"]["verdict"].startswith("not distinguishable with 3 seeds (about ")
+
+    # Holm over every contrast x quality metric of the report, by hand. The contrasts: every pair, the question
+    # (capsule vs cnn: recipes differ only in [encoder]) first, the baseline second in the others.
+    assert [(c["a"], c["b"], c["question"]) for c in report["contrasts"]] == [
+        ("capsule", "cnn", True), ("capsule", "dcgan", False), ("cnn", "dcgan", False)]
+    diff = lambda x, y: [a - b for a, b in zip(x, y)]  # noqa: E731
+    p_fid_cc = _p_df2(diff(FID["capsule"], FID["cnn"]))        # 0.0187
+    p_acc_cc = _p_df2(diff(ACC["capsule"], ACC["cnn"]))        # 0.0698 (test_acc: the same differences)
+    p_fid_cd = _p_df2(diff(FID["capsule"], FID["dcgan"]))      # 0.00127
+    p_fid_nd = _p_df2(diff(FID["cnn"], FID["dcgan"]))          # 0.667
+    assert p_fid_cd < p_fid_cc < p_acc_cc < p_fid_nd  # the order Holm sorts them in; 5 tests
+    want = {("gen_fid100_test_domain", "capsule vs dcgan"): 5 * p_fid_cd,
+            ("gen_fid100_test_domain", "capsule vs cnn"): max(5 * p_fid_cd, 4 * p_fid_cc),
+            ("acc32_test", "capsule vs cnn"): 3 * p_acc_cc, ("test_acc", "capsule vs cnn"): 3 * p_acc_cc,
+            ("gen_fid100_test_domain", "cnn vs dcgan"): p_fid_nd}
+    got = {(m["name"], key): c["p_holm"] for m in report["metrics"] for key, c in m["contrasts"].items()}
+    assert got == pytest.approx(want, rel=1e-9)
+    assert report["holm"]["tests"] == 5
+    raw = {(m["name"], key): c["p_value"] for m in report["metrics"] for key, c in m["contrasts"].items()}
+    assert raw[("gen_fid100_test_domain", "capsule vs cnn")] == pytest.approx(p_fid_cc, rel=1e-9)
+    # capsule vs cnn on FID: its own t-interval excludes 0 (p 0.019), but not after Holm (0.075): no verdict.
+    cc = next(m for m in report["metrics"] if m["name"] == "gen_fid100_test_domain")["contrasts"]["capsule vs cnn"]
+    assert cc["ci95_t"][1] < 0
+    assert cc["verdict"].startswith("not distinguishable with 3 seeds after Holm's correction over 5 tests")
+    # The DCGAN has no encoder: no accuracy for it, so no paired accuracy difference with it either.
     acc = next(m for m in report["metrics"] if m["name"] == "acc32_test")
     assert set(acc["arms"]) == {"capsule", "cnn"} and acc["vs_baseline"] == {}
+    assert set(acc["contrasts"]) == {"capsule vs cnn"}
     costs = {c["name"]: c for c in report["costs"]}
     assert {"images_per_s", "seconds_per_epoch", "train_time_s", "peak_memory_bytes", "parameters.total"} <= set(costs)
     assert costs["parameters.encoder"]["arms"]["capsule"]["mean"] == 5000
     assert costs["seconds_per_epoch"]["arms"]["dcgan"]["values"]["1"] == pytest.approx((10.0 + 1 + 5) / 2)
     speed = costs["images_per_s"]["vs_baseline"]["cnn"]
-    assert speed["verdict"] == "better" and speed["mean"] == pytest.approx(2.0)  # 'cnn' is 2 letters shorter
+    # 'cnn' is 2 letters shorter on every seed: identical differences give a zero-width interval, so no verdict.
+    assert speed["mean"] == pytest.approx(2.0) and speed["verdict"].startswith("too few seeds (3, identical differences")
+    assert speed["cost_verdict"] == "too few seeds"
+    # Parameter counts are compared exactly: the capsule's encoder makes it larger than the DCGAN on every seed.
+    assert costs["parameters.total"]["vs_baseline"]["capsule"]["cost_verdict"] == "larger"
+    assert costs["parameters.discriminator"]["vs_baseline"]["capsule"]["cost_verdict"] == "equal"
     assert any("Few seeds give wide intervals" in note for note in report["notes"])
 
 
@@ -159,8 +203,8 @@ def test_verdicts_and_directions():
     assert stats.verdict((0.5, 2.0), "lower", 3) == "worse"
     assert stats.verdict((-2.0, -0.5), "lower", 3) == "better"
     assert stats.verdict((-1.0, 2.0), "lower", 4) == "not distinguishable with 4 seeds"
-    assert stats.verdict(None, "lower", 1) == "not distinguishable with 1 seed"
-    assert stats.paired({0: 1.0}, {0: 2.0}, "lower")["verdict"] == "not distinguishable with 1 seed"
+    assert stats.verdict(None, "lower", 1) == "too few seeds (1; at least 3 needed)"
+    assert stats.paired({0: 1.0}, {0: 2.0}, "lower")["verdict"] == "too few seeds (1; about 3 needed)"
     for key, want in [("gen_fid1k_test_domain", "lower"), ("gen_kid500_test_domain", "lower"),
                       ("rec_ssim1k_test", "higher"), ("gen_condacc500_domain", "higher"),
                       ("gen_is1k_inception", "higher"), ("images_per_s", "higher"), ("parameters.encoder", "lower"),
@@ -184,21 +228,24 @@ def test_fairness_categories():
 
 def test_fairness_refuses_a_batch_size_difference_unless_allowed(tmp_path):
     root = tmp_path / "runs"
-    a = [fabricate(root, "capsule", s, fid=25.0 + s, acc=0.6, encoder="capsnet", batch=32) for s in range(2)]
-    b = [fabricate(root, "cnn", s, fid=27.0 - s, acc=0.7, encoder="cnn", batch=64) for s in range(2)]
+    # The same 192 images per run: 6 steps of 32 against 3 steps of 64.
+    a = [fabricate(root, "capsule", s, fid=25.0 + s, acc=0.6, encoder="capsnet", batch=32, steps=6) for s in range(2)]
+    b = [fabricate(root, "cnn", s, fid=27.0 - s, acc=0.7, encoder="cnn", batch=64, steps=3) for s in range(2)]
     dirs = [f"capsule={p}" for p in a] + [f"cnn={p}" for p in b]
     out = tmp_path / "report"
     result = CliRunner().invoke(compare_command, [*dirs, "--out", str(out), "--quiet"])
     assert result.exit_code == 2
     assert "data.batch_size: capsule 32, cnn 64" in result.output
-    assert "--allow-difference data.batch_size" in result.output
+    assert "trained.steps: capsule 6, cnn 3" in result.output and "trained.images:" not in result.output
+    assert "--allow-difference data.batch_size" in result.output and "--allow-difference steps" in result.output
     assert not out.exists()
 
-    result = CliRunner().invoke(compare_command, [*dirs, "--out", str(out), "--allow-difference", "data.batch_size"])
+    result = CliRunner().invoke(compare_command, [*dirs, "--out", str(out), "--allow-difference", "data.batch_size",
+                                                  "--allow-difference", "steps"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "CONFOUND data.batch_size" in result.output
+    assert "CONFOUND data.batch_size" in result.output and "CONFOUND trained.steps" in result.output
     report = json.loads((out / "compare.json").read_text())
-    assert report["fairness"]["allowed_differences"] == ["data.batch_size"]
+    assert report["fairness"]["allowed_differences"] == ["data.batch_size", "trained.steps"]
     row = next(d for d in report["fairness"]["differences"] if d["key"] == "data.batch_size")
     assert row["status"] == "allowed" and row["values"] == {"capsule": "32", "cnn": "64"}
     assert any(n.startswith("CONFOUND: the arms differ in data.batch_size") for n in report["notes"])
@@ -247,7 +294,8 @@ def test_run_folders_grouped_by_recipe(runs, tmp_path):
     result = CliRunner().invoke(compare_command, [*plain, "--out", str(out), "--baseline", "dcgan", "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "compare.json").read_text())
-    assert [a["label"] for a in report["arms"]] == ["dcgan", "capsule", "cnn"]
+    # The question's arms (capsule vs cnn: recipes differ only in [encoder]) come first.
+    assert [a["label"] for a in report["arms"]] == ["capsule", "cnn", "dcgan"]
     assert all(len(a["runs"]) == 3 for a in report["arms"])
 
 
@@ -363,12 +411,27 @@ def test_outputs_are_written_and_self_contained(runs, tmp_path):
     result = CliRunner().invoke(compare_command, [*_all_dirs(runs), "--out", str(out), "--baseline", "dcgan"],
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "gen_fid100_test_domain" in result.output and "better" in result.output
+    assert "gen_fid100_test_domain" in result.output and "capsule is better" in result.output
     md = (out / "compare.md").read_text()
     assert "| `gen_fid100_test_domain` ↓ |" in md and "Few seeds give wide intervals" in md
+    # The headline is the first section, and the question contrast its first item.
+    sections = [line for line in md.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Headline"
+    head = md[md.index("## Headline"):md.index(sections[1])]
+    assert head.index("**capsule vs cnn: the question") < head.index("capsule vs dcgan")
+    assert "`gen_fid100_test_domain` (lower is better): **capsule is better**: Δ capsule − dcgan -4.67" in head
+    assert "Holm's correction over the 5 paired tests" in head
     page = (out / "compare.html").read_text()
-    for anchor in ("quality", "bars", "curves", "gates", "samples", "fairness", "costs", "few-seeds-note"):
+    for anchor in ("headline", "floors", "contrasts", "quality", "bars", "curves", "gates", "samples", "fairness",
+                   "costs", "few-seeds-note"):
         assert f'id="{anchor}"' in page, anchor
+    assert re.search(r"<h2[^>]*>", page).group(0) == '<h2 id="headline">'
+    assert page.index("capsule vs cnn: the question") < page.index('id="floors"')
+    # The sample grids say what they hold: the DCGAN's new images only; the encoder arms, whose runs here have
+    # no reconstruction numbers, the general rule (test_reconstruction_floor... checks the reconstruction caption).
+    captions = page[page.index('<ul id="sample-captions">'):]
+    assert "<li><b>dcgan</b>: new images only" in captions
+    assert "<li><b>capsule</b>: the run&#39;s last sample grid: real test images above their reconstructions" in captions
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http://" not in page and "https://" not in page
@@ -438,8 +501,8 @@ def test_probe_section_numbers_match_a_hand_computation(runs, tmp_path):
     md = (out / "compare.md").read_text()
     assert "## Spatial structure (the report's hypothesis)" in md
     verdict = f"vs capsule: Δ {100 * d_mean:+.1f} pts [{100 * d_lo:+.1f}, {100 * d_hi:+.1f}] **worse**"
-    assert f"| rotate 30 | n/a | {cells['capsule']} | {cells['cnn']}<br>{verdict} |" in md
-    assert "| as they are | n/a |" in md and f"- dcgan: n/a, {NO_ENCODER}." in md
+    assert f"| rotate 30 | {cells['capsule']} | {cells['cnn']}<br>{verdict} | n/a |" in md  # the question arms first
+    assert "| as they are | " in md and f"- dcgan: n/a, {NO_ENCODER}." in md
     page = (out / "compare.html").read_text()
     assert 'id="probe"' in page and "n/a" in page and page.count("<img") == 4 + 9 + 1  # + the probe chart
     assert "Spatial structure" in result.output and "vs capsule" in result.output
@@ -478,6 +541,13 @@ def test_html_renders_in_a_headless_browser(runs, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     for anchor in ("quality", "bars", "curves", "gates", "samples", "fairness", "costs", "few-seeds-note"):
         assert f'id="{anchor}"' in dom.stdout, anchor
+    # In the rendered page the headline is the first section, and its first contrast is capsule vs cnn.
+    headings = re.findall(r"<h2[^>]*>(.*?)</h2>", dom.stdout, flags=re.S)
+    assert headings[0] == "Headline", headings
+    box = dom.stdout[dom.stdout.index('<div class="headline">'):dom.stdout.index('id="few-seeds-note"')]
+    first = re.search(r"<li class=\"(question|contrast)\"><b>(.*?)</b>", box)
+    assert first.group(1) == "question" and first.group(2).startswith("capsule vs cnn: the question")
+    assert "capsule is better" in box
     shot = tmp_path / "shot.png"
     run = subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,2400", page.as_uri()],
                          capture_output=True, text=True, timeout=120)
@@ -486,3 +556,235 @@ def test_html_renders_in_a_headless_browser(runs, tmp_path):
     assert pixels.shape == (2400, 1280)
     assert pixels.std() > 10, "the screenshot is blank"
     assert (pixels < 128).mean() > 0.01, "no dark pixels: no text or charts rendered"
+
+
+# ------------------------------------------------------------------ a comparison that cannot mislead
+
+
+def _compare(tmp_path, dirs: list[str], *args: str, columns: int = 200):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(compare_command, [*dirs, "--out", str(out), *args], env={"COLUMNS": str(columns)})
+    return result, out
+
+
+def _arms(root: Path, spec: dict[str, dict], seeds=range(3), **common) -> list[str]:
+    """Fabricate arms from ``{arm: {"fid": [...], "acc": [...] | None, "encoder": ..., **extra per seed}}``."""
+    dirs = []
+    for arm, info in spec.items():
+        for seed in seeds:
+            extra = {k: (v[0][seed], v[1]) for k, v in info.get("extra", {}).items()}
+            acc = info.get("acc")
+            path = fabricate(root, arm, seed, fid=info["fid"][seed], acc=acc[seed] if acc else None,
+                             encoder=info["encoder"], extra=extra, steps=info.get("steps", [6, 6, 6])[seed], **common)
+            dirs.append(f"{arm}={path}")
+    return dirs
+
+
+def test_a_zero_spread_pair_gives_no_verdict_in_the_report(tmp_path):
+    # The CNN's FID is the capsule's + 2 on every seed: a difference with no spread says nothing about the noise.
+    dirs = _arms(tmp_path / "runs", {"capsule": {"fid": [25.0, 28.0, 26.5], "acc": [0.6] * 3, "encoder": "capsnet"},
+                                     "cnn": {"fid": [27.0, 30.0, 28.5], "acc": [0.7, 0.72, 0.71], "encoder": "cnn"}})
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    fid = next(m for m in report["metrics"] if m["name"] == "gen_fid100_test_domain")["contrasts"]["capsule vs cnn"]
+    assert fid["differences"] == {"0": -2.0, "1": -2.0, "2": -2.0} and fid["ci95_t"] == [-2.0, -2.0]
+    assert fid["p_value"] is None and fid["p_holm"] is None  # not a test: it does not count in Holm's family
+    assert fid["verdict"].startswith("too few seeds (3, identical differences: no spread to judge")
+    assert "too few seeds (3, identical differences" in (out / "compare.md").read_text().split("## ")[1]
+
+
+def test_intervals_stay_inside_each_metrics_range(tmp_path):
+    # Accuracies near 1 and FIDs near 0: the plain t-intervals would leave [0, 1] and [0, inf).
+    acc = [0.99, 1.0, 0.97]
+    fid = [0.5, 6.0, 0.8]
+    dirs = _arms(tmp_path / "runs", {"capsule": {"fid": fid, "acc": acc, "encoder": "capsnet"},
+                                     "cnn": {"fid": [30.0, 31.0, 29.0], "acc": [0.5, 0.6, 0.55], "encoder": "cnn"}})
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    metrics = {m["name"]: m for m in report["metrics"]}
+    mean, _, lo, hi = _hand_interval(acc)
+    assert hi > 1  # the raw interval leaves the range ...
+    got = metrics["acc32_test"]["arms"]["capsule"]
+    assert got["ci95"] == pytest.approx([lo, 1.0]) and got["clipped"]  # ... the report's stops at 1
+    assert metrics["acc32_test"]["range"] == [0.0, 1.0]
+    mean, _, lo, hi = _hand_interval(fid)
+    assert lo < 0
+    got = metrics["gen_fid100_test_domain"]["arms"]["capsule"]
+    assert got["ci95"] == pytest.approx([0.0, hi]) and metrics["gen_fid100_test_domain"]["range"] == [0.0, None]
+    md = (out / "compare.md").read_text()
+    acc_mean, _, acc_lo, _ = _hand_interval(acc)
+    assert f"| `acc32_test` ↑ | {acc_mean:.4g} [{acc_lo:.4g}, 1] |" in md  # a cut interval is shown as [lo, hi]
+    # The chart's error bars stay inside the range too.
+    from capsgan_toolkit.compare.html import error_bar
+
+    _, above = error_bar(metrics["acc32_test"], "capsule")
+    assert acc_mean + above == pytest.approx(1.0)
+    below, _ = error_bar(metrics["gen_fid100_test_domain"], "capsule")
+    assert mean - below == pytest.approx(0.0)
+
+
+CONDACC = "gen_condacc100_domain"
+
+
+def test_an_arm_under_a_floor_is_left_out_of_the_verdicts(tmp_path):
+    # Glyphs: K = 10 classes, chance 0.1. Conditional accuracy over 100 new images must clear
+    # 0.1 + max(0.05, 3 sqrt(0.1 x 0.9 / 100)) = 0.1 + 0.09 = 0.19; the CNN arm's seed 1 does not (0.12).
+    floor = 0.1 + max(0.05, 3 * math.sqrt(0.1 * 0.9 / 100))
+    assert floor == pytest.approx(0.19)
+    cond = {"num_generated": 100, "metric": "class-conditional accuracy"}
+    spec = {"capsule": {"fid": [25.0, 28.0, 26.5], "acc": [0.61, 0.64, 0.60], "encoder": "capsnet",
+                        "extra": {CONDACC: ([0.40, 0.45, 0.42], cond)}},
+            "cnn": {"fid": [20.0, 21.0, 19.5], "acc": [0.70, 0.69, 0.74], "encoder": "cnn",
+                    "extra": {CONDACC: ([0.30, 0.12, 0.35], cond)}},
+            "dcgan": {"fid": [30.0, 32.5, 31.0], "acc": None, "encoder": None,
+                      "extra": {CONDACC: ([0.50, 0.55, 0.52], cond)}}}
+    dirs = _arms(tmp_path / "runs", spec)
+    result, out = _compare(tmp_path, dirs, "--baseline", "dcgan", columns=100)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    floors = report["floors"]
+    assert floors["data"]["num_classes"] == 10 and floors["data"]["chance"] == pytest.approx(0.1)
+    assert {a: s["status"] for a, s in floors["arms"].items()} == {"capsule": "learned", "cnn": "did not learn",
+                                                                   "dcgan": "learned"}
+    failed = [c for c in floors["arms"]["cnn"]["checks"] if c["passed"] is False]
+    assert [(c["seed"], c["metric"]) for c in failed] == [(1, CONDACC)]
+    assert failed[0]["threshold"] == pytest.approx(floor)
+    # The accuracy floor: 32 test images, 0.1 + max(0.05, 3 sqrt(0.09 / 32)) = 0.259; every encoder arm clears it.
+    acc_check = next(c for c in floors["arms"]["capsule"]["checks"] if c["metric"] == "acc32_test")
+    assert acc_check["threshold"] == pytest.approx(0.1 + 3 * math.sqrt(0.09 / 32)) and acc_check["passed"]
+    assert report["holm"]["excluded"] == ["cnn"]
+    for m in report["metrics"]:
+        for key, cmp in m["contrasts"].items():
+            if "cnn" in key.split(" vs "):
+                assert cmp["verdict"] == "cnn did not learn at this budget: no verdict" and cmp["p_holm"] is None
+                assert cmp["p_value"] is not None  # its numbers stay visible
+    # The CNN's much lower FID would have won: without the floor, capsule vs cnn on FID has differences
+    # 5, 7, 7, a t-interval far from 0. The family holds only the capsule vs dcgan tests: FID and condacc.
+    assert report["holm"]["tests"] == 2
+    assert set(next(m for m in report["metrics"] if m["name"] == CONDACC)["arms"]) == {"capsule", "cnn", "dcgan"}
+    md = (out / "compare.md").read_text()
+    head = md[md.index("## Headline"):md.index("## Did every arm learn?")]
+    assert "cnn did not learn at this budget (seed 1: gen_condacc100_domain 0.12, needs > 0.19)" in head
+    assert '<span style="color:#c01010">**cnn: did not learn at this budget**</span>' in md
+    page = (out / "compare.html").read_text()
+    assert '<li class="not-learned">cnn did not learn at this budget' in page
+    assert "cnn did not learn at this budget" in result.output
+
+
+def test_reconstruction_floor_is_the_mean_image_of_the_scored_images(tmp_path):
+    # The fabricated runs' data: TINY_RECIPE's glyphs, 32 test images of 28 x 28 x 1. The mean image's MSE, by hand.
+    from capsgan_plugins.glyphs import GlyphsParams, glyph_split
+
+    images, _ = glyph_split(GlyphsParams(**{k: v for k, v in TINY_RECIPE["data"].items() if k != "plugin"}), "test")
+    x = images.numpy().astype(np.float64) / 255.0
+    reference = float(((x - x.mean(axis=0, keepdims=True)) ** 2).mean())
+    rec = {"reference_split": "test", "num_reference": 32, "reference_seed": 0, "metric": "mse"}
+    dirs = _arms(tmp_path / "runs", {
+        "capsule": {"fid": [25.0, 28.0, 26.5], "acc": [0.61, 0.64, 0.60], "encoder": "capsnet",
+                    "extra": {"rec_mse32_test": ([reference * 0.5, reference * 0.6, reference * 0.55], rec)}},
+        "cnn": {"fid": [20.0, 21.0, 19.5], "acc": [0.70, 0.69, 0.74], "encoder": "cnn",
+                "extra": {"rec_mse32_test": ([reference * 0.5, reference * 1.01, reference * 0.5], rec)}}})
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 0, result.output
+    floors = json.loads((out / "compare.json").read_text())["floors"]
+    assert floors["data"]["mean_image_mse"]["rec_mse32_test"] == pytest.approx(reference, rel=1e-6)
+    assert floors["arms"]["capsule"]["status"] == "learned" and floors["arms"]["cnn"]["status"] == "did not learn"
+    (bad,) = [c for c in floors["arms"]["cnn"]["checks"] if c["passed"] is False]
+    assert bad["seed"] == 1 and bad["metric"] == "rec_mse32_test"
+    page = (out / "compare.html").read_text()
+    assert "<li><b>capsule</b>: real test images in rows 1, 3, 5, ...; each row below them" in page
+
+
+def test_unequal_steps_are_refused_unless_allowed(tmp_path):
+    # Same recipes and budget, but the CNN's runs trained 8 steps of 8 images where the capsule's trained 6.
+    dirs = _arms(tmp_path / "runs", {"capsule": {"fid": [25.0, 28.0, 26.5], "acc": [0.6] * 3, "encoder": "capsnet"},
+                                     "cnn": {"fid": [27.0, 30.5, 28.0], "acc": [0.7] * 3, "encoder": "cnn",
+                                             "steps": [8, 8, 8]}})
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 2 and not out.exists()
+    assert "trained.steps: capsule 6, cnn 8" in result.output and "trained.images: capsule 48, cnn 64" in result.output
+    assert "--allow-difference steps" in result.output and "summary.json" in result.output
+    result, out = _compare(tmp_path, dirs, "--allow-difference", "steps")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    assert report["fairness"]["allowed_differences"] == ["trained.images", "trained.steps"]
+    assert any(n.startswith("CONFOUND: the arms differ in trained.steps") for n in report["notes"])
+    assert "CONFOUND trained.steps" in result.output
+
+
+def test_terminal_tables_keep_metric_names_whole_at_80_columns(runs, tmp_path):
+    from capsgan_toolkit.compare.report import wrap_name
+
+    assert wrap_name("gen_fid100_test_domain ↓", 22) == "gen_fid100_test_\ndomain ↓"
+    assert wrap_name("flops_per_image.discriminator", 22) == "flops_per_image.\ndiscriminator"
+    result, _ = _compare(tmp_path, _all_dirs(runs), "--baseline", "dcgan", columns=80)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert all(len(line) <= 80 for line in result.output.splitlines()), max(map(len, result.output.splitlines()))
+    for name in ("gen_fid100_test_domain", "parameters.discriminator", "seconds_per_epoch", "peak_memory_bytes"):
+        for piece in wrap_name(name).splitlines():
+            assert piece in result.output, piece
+    # s/epoch gets a cost verdict as images/s does.
+    report = json.loads((tmp_path / "report" / "compare.json").read_text())
+    costs = {c["name"]: c for c in report["costs"]}
+    assert costs["seconds_per_epoch"]["vs_baseline"]["cnn"]["cost_verdict"] == "too few seeds"  # no spread
+
+
+def test_cost_verdicts_say_faster_or_slower(tmp_path):
+    from capsgan_toolkit.compare.report import cost_verdict
+
+    entry = {"name": "seconds_per_epoch"}
+    assert cost_verdict(entry, {"verdict": "better", "differences": {}}) == "faster"
+    assert cost_verdict(entry, {"verdict": "worse", "differences": {}}) == "slower"
+    assert cost_verdict({"name": "images_per_s"}, {"verdict": "worse", "differences": {}}) == "slower"
+    assert cost_verdict({"name": "parameters.total"}, {"verdict": "x", "differences": {"0": 5.0, "1": 5.0}}) == "larger"
+
+
+def test_fairness_table_shows_confounds_first_and_collapses_absent_keys():
+    from capsgan_toolkit.compare.fairness import display_rows
+
+    diffs = [{"key": "encoder.channels", "status": "meant", "values": {"caps": "8", "cnn": "8", "dc": "(absent)"}},
+             {"key": "encoder.latent", "status": "meant", "values": {"caps": "all", "cnn": "all", "dc": "(absent)"}},
+             {"key": "encoder.plugin", "status": "meant", "values": {"caps": "capsnet", "cnn": "cnn", "dc": "(absent)"}},
+             {"key": "output.x", "status": "other", "values": {"caps": "1", "cnn": "2", "dc": "1"}},
+             {"key": "data.batch_size", "status": "allowed", "values": {"caps": "32", "cnn": "32", "dc": "64"}}]
+    rows = display_rows(diffs, ["caps", "cnn", "dc"])
+    assert [(r["key"], r["status"]) for r in rows] == [("data.batch_size", "allowed"), ("encoder.*", "meant"),
+                                                       ("encoder.plugin", "meant"), ("output.x", "other")]
+    assert rows[1]["keys"] == ["encoder.channels", "encoder.latent"]
+    assert rows[1]["values"] == {"caps": "set (2 keys)", "cnn": "set (2 keys)", "dc": "(absent)"}
+
+
+def test_charts_use_a_log_axis_across_decades_and_mark_a_dwarfing_arm():
+    from capsgan_toolkit.compare.html import axis_plan, bars_figure
+
+    def entry(means: dict[str, list[float]]) -> dict:
+        return {"name": "gen_fid100_test_domain", "direction": "lower", "arms": {
+            a: {"mean": sum(v) / len(v), "values": dict(enumerate(v)), "ci95": None} for a, v in means.items()}}
+
+    wide = entry({"capsule": [3.0, 4.0], "cnn": [5.0, 6.0], "dcgan": [300.0, 320.0]})
+    assert axis_plan(wide, ["capsule", "cnn", "dcgan"]) == {"log": True, "dwarfs": {"dcgan": pytest.approx(310 / 5.5)}}
+    narrow = entry({"capsule": [30.0, 40.0], "cnn": [50.0, 60.0]})
+    assert axis_plan(narrow, ["capsule", "cnn"]) == {"log": False, "dwarfs": {}}
+    report = {"metrics": [wide, narrow], "arms": [{"label": a} for a in ("capsule", "cnn", "dcgan")],
+              "baseline": "dcgan"}
+    assert bars_figure(report).startswith("data:image/png;base64,")
+
+
+def test_spec_contrasts_and_key_metrics(tmp_path):
+    text = 'key_metrics = ["acc"]\n' + GOOD_SPEC.replace('baseline = "b"\n', '') + '[[contrasts]]\na = "a"\nb = "b"\n'
+    loaded = load_spec(_spec(tmp_path, text))
+    assert loaded.spec.baseline == "a"  # the first arm when none is named
+    assert loaded.spec.contrast_pairs() == [("a", "b")] and loaded.spec.key_metrics == ["acc"]
+    from capsgan_toolkit.compare.headline import key_metric_names
+
+    names = ["gen_fid1k_test_domain", "gen_fid1k_test_inception", "acc10k_test", "test_acc", "test_rec_mse01"]
+    assert key_metric_names(names, ["gen_fid", "acc", "rec_mse", "gen_condacc"]) == [
+        "gen_fid1k_test_domain", "acc10k_test", "test_rec_mse01"]
+    for extra, message in (('[[contrasts]]\na = "a"\nb = "z"\n', "contrasts.1: 'z' is not an arm label"),
+                           ('[[contrasts]]\na = "b"\nb = "a"\n', "contrasts.1: b vs a is given twice"),
+                           ('[[contrasts]]\na = "a"\nb = "a"\n', "contrasts.1: an arm cannot be contrasted with itself")):
+        with pytest.raises(CompareError, match=re.escape(message)):
+            load_spec(_spec(tmp_path, text + extra))

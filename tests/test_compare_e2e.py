@@ -8,10 +8,10 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from helpers import TINY_RECIPE, write_toml
 
 from capsgan_toolkit.cli.compare import compare_command
 from capsgan_toolkit.rundir.folder import RunDir
-from helpers import TINY_RECIPE, write_toml
 
 SPEC = """
 title = "tiny end-to-end"
@@ -68,6 +68,16 @@ def test_compare_trains_reports_reuses_and_resumes(tmp_path, monkeypatch):
     costs = {c["name"] for c in report["costs"]}
     assert {"parameters.generator", "flops_per_image.generator", "images_per_s", "peak_memory_bytes"} <= costs
     assert all(d["status"] in ("meant", "other") for d in report["fairness"]["differences"])
+    # The contrast (no question: the arms differ in more than [encoder]), its floors and the headline first.
+    assert [(c["a"], c["b"], c["question"]) for c in report["contrasts"]] == [("cnn", "dcgan", False)]
+    floors = report["floors"]
+    assert floors["data"]["num_classes"] == 10 and floors["data"]["mean_image_mse"]["rec_mse32_test"] > 0
+    assert {c["floor"] for c in floors["arms"]["cnn"]["checks"]} == {"acc", "gen_condacc", "rec_mse"}
+    assert all(c["passed"] is not None for s in floors["arms"].values() for c in s["checks"])
+    assert floors["arms"]["dcgan"]["status"] in ("learned", "did not learn")
+    md = (out / "compare.md").read_text()
+    assert next(line for line in md.splitlines() if line.startswith("## ")) == "## Headline"
+    assert "**cnn vs dcgan (the recipes differ in" in md
     runs = {(arm, seed): RunDir(out / "runs" / arm / f"seed-{seed}") for arm in ("dcgan", "cnn") for seed in (0, 1)}
     assert all(rd.is_finished() and rd.read_eval() for rd in runs.values())
     assert runs["cnn", 1].read_recipe()["run"]["seed"] == 1
@@ -140,3 +150,8 @@ def test_compare_with_probe_shows_the_spatial_structure_section(tmp_path):
     assert dcgan_cell == "n/a" and re.match(r"\d\.\d{3}", cnn_cell)
     assert "- dcgan: n/a, the dcgan objective has no encoder." in body
     assert 'id="probe"' in (out / "compare.html").read_text()
+    # One seed: every contrast says so, and the headline comes first.
+    report = json.loads((out / "compare.json").read_text())
+    acc = next(m for m in report["metrics"] if m["name"].startswith("acc"))
+    assert acc["contrasts"] == {} and report["holm"]["tests"] == 0
+    assert md.index("## Headline") < md.index("## Did every arm learn?") < md.index("## Spatial structure")

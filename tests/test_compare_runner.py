@@ -9,14 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from helpers import TINY_RECIPE, write_toml
 
 import capsgan_toolkit
 from capsgan_toolkit.cli.compare import compare_command
 from capsgan_toolkit.compare.runner import device_setup, parse_shard, plan, shard
 from capsgan_toolkit.compare.spec import CompareError, load_spec
-from capsgan_toolkit.recipe.schema import apply_overrides, dumps_toml, read_toml
+from capsgan_toolkit.recipe.schema import apply_overrides
+from capsgan_toolkit.recipe.toml_io import dumps_toml, read_toml
 from capsgan_toolkit.rundir.folder import RunDir
-from helpers import TINY_RECIPE, write_toml
 
 
 class FakeApi:
@@ -124,9 +125,10 @@ def test_grid_trains_evaluates_reports_then_reuses(fake_api, tmp_path):
     fid = report["metrics"][0]
     assert fid["name"] == "gen_fid50_test_domain"
     assert fid["vs_baseline"]["wide"]["differences"] == {"0": -4.0, "1": -4.0}
-    assert fid["vs_baseline"]["wide"]["verdict"] == "better"  # the same -4 on both seeds
+    # the same -4 on both seeds: two seeds and no spread give no verdict
+    assert fid["vs_baseline"]["wide"]["verdict"].startswith("too few seeds (2")
     assert report["budget"] == "1 epochs" and (out / "compare.html").is_file() and (out / "compare.md").is_file()
-    assert "wide" in result.output and "better" in result.output
+    assert "wide" in result.output and "too few seeds" in result.output
 
     fake_api.trained.clear(), fake_api.evaluated.clear()
     result = _compare(spec, out)
@@ -194,11 +196,17 @@ def test_unfair_arms_are_refused_before_training(fake_api, tmp_path):
     assert result.exit_code == 2
     assert "data.batch_size: narrow 8, wide 16" in result.output
     assert fake_api.trained == [] and not (out / "runs").exists()
+    # Allowed, the arms train; but 3 steps of 8 and 3 steps of 16 are not the same training images: once the runs
+    # have finished, their summary.json says so and the report is refused until that is allowed too.
     result = _compare(spec, out, "--allow-difference", "data.batch_size")
+    assert result.exit_code == 2 and len(fake_api.trained) == 4
+    assert "trained.images: narrow 24, wide 48" in result.output and "--allow-difference steps" in result.output
+    assert not (out / "compare.json").exists()
+    result = _compare(spec, out, "--allow-difference", "data.batch_size", "--allow-difference", "steps")
     assert result.exit_code == 0, result.output
-    assert "CONFOUND data.batch_size" in result.output
-    # The spec can allow it too.
-    spec.write_text('allow_difference = ["data.batch_size"]\n' + text, encoding="utf-8")
+    assert "CONFOUND data.batch_size" in result.output and "CONFOUND trained.images" in result.output
+    # The spec can allow them too.
+    spec.write_text('allow_difference = ["data.batch_size", "images"]\n' + text, encoding="utf-8")
     assert _compare(spec, tmp_path / "cmp2").exit_code == 0
 
 

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, invoke, write_toml
 from PIL import Image
 
-from capsgan_toolkit.rundir.checkpoint import load_checkpoint
 from capsgan_toolkit.recipe.schema import resolve
+from capsgan_toolkit.rundir.checkpoint import load_checkpoint
 from capsgan_toolkit.rundir.reporting import read_metrics
 from capsgan_toolkit.training.trainer import Trainer
-
-from helpers import TINY_RECIPE, invoke, write_toml
 
 DOMAIN = {"plugin": "domain_classifier", "epochs": 1, "channels": 8, "feature_dim": 16, "batch_size": 16}
 
@@ -41,7 +40,7 @@ def test_periodic_evaluation_logs_rows_and_leaves_training_unchanged(tiny_run, p
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["epoch"] for r in evals] == [0, 1]
     for key in ("acc32_test", "rec_mse32_test", "rec_fid32_test_domain", "gen_fid32_test_domain",
-                "gen_kid32_test_domain", "gen_is32_domain", "gen_condacc32_domain"):
+                "gen_kid32_test_domain", "gen_is32_domain", "gen_condacc32_domain", "rec_acc32_test_domain"):
         assert key in evals[-1], key
     protocol = json.loads((tiny_run / "eval_protocol.json").read_text())
     assert protocol["protocol"]["gen_fid32_test_domain"]["num_reference"] == 32
@@ -76,9 +75,20 @@ def test_eval_writes_every_number_with_its_protocol(tiny_run):
     metrics, protocol = report["metrics"], report["protocol"]
     assert set(metrics) == {"acc32_test", "rec_mse32_test", "rec_psnr32_test", "rec_ssim32_test",
                             "rec_fid32_test_domain", "gen_fid32_test_domain", "gen_kid32_test_domain",
-                            "gen_is32_domain", "gen_condacc32_domain"}
+                            "gen_is32_domain", "gen_condacc32_domain", "rec_acc32_test_domain"}
     for name in metrics:
         assert name in result.output
+    # rec_acc, the ceiling of gen_condacc (the same judge on reconstructions), sits beside it, and is read against it.
+    output = " ".join(result.output.split())
+    rows = [line for line in result.output.splitlines() if "_domain" in line and "│" in line]
+    assert sum("rec_acc32" in line for line in rows) == 1, result.output
+    assert [i for i, line in enumerate(rows) if "rec_acc32" in line] == [i + 1 for i, line in enumerate(rows)
+                                                                         if "gen_condacc32" in line]
+    assert (f"gen_condacc32_domain {metrics['gen_condacc32_domain']:.3f} against its ceiling rec_acc32_test_domain "
+            f"{metrics['rec_acc32_test_domain']:.3f}") in output
+    judge = protocol["rec_acc32_test_domain"]["feature_extractor"]
+    assert judge == protocol["gen_condacc32_domain"]["feature_extractor"] and "blurred with sigma 1 / 2 px: " in judge
+    assert f"features domain: {judge}" in output  # the judge's clean and blurred accuracy, shown
     for name in ("rec_fid32_test_domain", "gen_fid32_test_domain", "gen_kid32_test_domain"):
         entry = protocol[name]
         assert entry["num_generated"] == entry["num_reference"] == 32 and entry["reference_split"] == "test"
@@ -87,6 +97,7 @@ def test_eval_writes_every_number_with_its_protocol(tiny_run):
     assert "std" in protocol["gen_kid32_test_domain"] and "std" in protocol["gen_is32_domain"]
     assert 1.0 - 1e-6 <= metrics["gen_is32_domain"] <= 10 + 1e-6
     assert 0 <= metrics["acc32_test"] <= 1 and 0 <= metrics["gen_condacc32_domain"] <= 1
+    assert 0 <= metrics["rec_acc32_test_domain"] <= 1
     assert report["step"] == 6 and report["checkpoint"].endswith("final.pt")
 
     # Cross-checks against the trainer's own end-of-run numbers (same weights, same 32 test images).

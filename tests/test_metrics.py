@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers import offline, random_inception_weights
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from capsgan_plugins import metric_features as mf
 from capsgan_toolkit.catalogue import count_tag
 from capsgan_toolkit.errors import CapsganError
-from capsgan_toolkit.interfaces import FeatureSetup
-from capsgan_toolkit.evaluation.scores import fidelity_scores, psnr, recon_mse01, ssim, to_fidelity_images
 from capsgan_toolkit.evaluation.prior import ClassGaussianPrior, encode_for_prior
-from helpers import offline, random_inception_weights
+from capsgan_toolkit.evaluation.scores import fidelity_scores, psnr, recon_mse01, ssim, to_fidelity_images
+from capsgan_toolkit.interfaces import FeatureSetup
 
 CPU = torch.device("cpu")
 _PROJECTION = torch.Generator().manual_seed(123)
@@ -403,11 +403,11 @@ def test_result_key_builds_and_direction_reads_every_pattern():
 
 def test_catalogue_is_the_one_list_of_names():
     from capsgan_toolkit import catalogue as cat
-    from capsgan_toolkit.recipe.schema import EVAL_METRICS, EvalSection
+    from capsgan_toolkit.catalogue import EVAL_METRICS, EvalSection
 
     assert EvalSection is cat.EvalSection and EVAL_METRICS is cat.EVAL_METRICS
     assert list(cat.CATALOGUE) == ["acc", "rec", "rec_fid", "rec_kid", "gen_fid", "gen_kid", "gen_is", "gen_prc",
-                                   "gen_condacc"]
+                                   "gen_condacc", "rec_acc"]
     assert cat.FIDELITY_FLAGS == {"rec_fid": "fid", "rec_kid": "kid", "gen_fid": "fid", "gen_kid": "kid",
                                   "gen_is": "isc", "gen_prc": "prc"}
     assert set(cat.FEATURE_METRICS) == set(cat.CATALOGUE) - {"acc", "rec"}
@@ -509,7 +509,8 @@ def test_domain_classifier_training_shows_a_bar(registry, tmp_path):
     console = _recording_console()
     extractor.prepare(data, data_id="bar-test", cache_dir=tmp_path, device=CPU, log=Progress(console))
     text = console.file.getvalue()
-    assert "Training the domain classifier (2 epochs of 64 images" in text and "8/8" in text
+    # 64 images at batch size 16 are 4 steps: an epoch passes over them 25 times (at least 100 steps).
+    assert "Training the domain classifier (2 epochs x 25 passes of 64 augmented images" in text and "200/200" in text
 
 
 # ------------------------------------------------- the Evaluator on objectives
@@ -586,7 +587,8 @@ def _evaluator_parts(registry, tmp_path):
     ev = EvalSection.model_validate({"num_images": 20, "batch_size": 8, "prior_images": 0, "cache_dir": str(tmp_path),
                                      "features": {"domain": {"plugin": "domain_classifier", **domain}}})
     params = registry.get("metric_features", "domain_classifier").params_model(**domain)
-    resolved = SimpleNamespace(recipe=SimpleNamespace(eval=ev, augment=None), params={"eval.features.domain": params},
+    recipe = SimpleNamespace(eval=ev, augment=None, spec=lambda key: ev.features[key.rsplit(".", 1)[1]])
+    resolved = SimpleNamespace(recipe=recipe, params={"eval.features.domain": params}, source="test recipe",
                                to_dict=lambda: {"data": {"plugin": "glyphs", "num_train": 96, "num_test": 40}})
     return resolved, data, encoder, generator
 
@@ -605,7 +607,8 @@ def test_evaluator_scores_what_the_objective_offers_with_catalogue_protocols(reg
     assert encoder.training and generator.training, "the models' modes were not restored"
     assert set(report.metrics) == {"acc40_test", "rec_mse20_test", "rec_psnr20_test", "rec_ssim20_test",
                                    "rec_fid20_test_domain", "gen_fid20_test_domain", "gen_kid20_test_domain",
-                                   "gen_is20_domain", "gen_condacc20_domain"}
+                                   "gen_is20_domain", "gen_condacc20_domain", "rec_acc20_test_domain"}
+    assert list(report.metrics)[-2:] == ["gen_condacc20_domain", "rec_acc20_test_domain"]  # beside its ceiling
     assert report.skipped == {}
     for key, record in report.protocol.items():
         stem = parse(key).key.stem
@@ -647,6 +650,53 @@ def test_evaluator_skips_what_a_generation_only_objective_cannot_give(registry, 
     report = only.run(["acc", "gen_is"])
     assert list(report.metrics) == ["acc40_test"] and report.extractors == {}
     assert report.skipped == {"gen_is": "the classifier objective generates no images"}
+
+
+def test_rec_acc_is_the_judges_accuracy_on_reconstructions_with_true_labels(registry, tmp_path):
+    """Reconstructions that are the test images themselves: rec_acc is the judge's own clean accuracy on them;
+    reconstructions that are one grey image: rec_acc is the share of labels equal to the judge's one answer."""
+    import dataclasses
+
+    from capsgan_toolkit.evaluation.evaluator import Evaluator
+
+    resolved, data, encoder, generator = _evaluator_parts(registry, tmp_path)
+
+    class Perfect(FakeReconstructionGAN):
+        def reconstruct(self, images):
+            return images.clone()
+
+    class Grey(FakeReconstructionGAN):
+        def reconstruct(self, images):
+            return torch.zeros_like(images)
+
+    perfect = Evaluator(resolved, registry, objective=Perfect(encoder, generator, 10), dataset=data, device=CPU)
+    report = perfect.run(["rec_acc"], num_images=40)  # the whole 40-image test split, in a seeded order
+    judge = perfect.setup("domain")
+    split = data.split("test")
+    labels = [int(split[i][1]) for i in range(40)]
+    hand = [int(judge.classifier(to_fidelity_images(split[i][0][None])).argmax().item()) for i in range(40)]
+    assert report.metrics == {"rec_acc40_test_domain": sum(h == y for h, y in zip(hand, labels)) / 40}
+    payload = torch.load(next((tmp_path / "metric_features").glob("domain_classifier-*.pt")), weights_only=True)
+    assert payload["meta"]["test_images"] == 40
+    assert report.metrics["rec_acc40_test_domain"] == payload["meta"]["test_accuracy"]
+    record = report.protocol["rec_acc40_test_domain"]
+    assert set(record) == set(CATALOGUE_PROTOCOL_REC_ACC) and record["num_reference"] == 40
+    assert record["feature_extractor"] == judge.description and "blurred with sigma 1 / 2 px" in judge.description
+
+    grey = Evaluator(resolved, registry, objective=Grey(encoder, generator, 10), dataset=data, device=CPU)
+    answer = int(judge.classifier(to_fidelity_images(torch.zeros(1, 1, 28, 28))).argmax().item())
+    assert grey.run(["rec_acc"], num_images=40).metrics == {"rec_acc40_test_domain": labels.count(answer) / 40}
+
+    # An extractor without class logits is skipped; a generation-only objective cannot give it.
+    grey._setups["domain"] = dataclasses.replace(judge, classifier=None)
+    report = grey.run(["rec_acc"], num_images=40)
+    assert report.metrics == {} and report.skipped == {"rec_acc@domain": "needs a classifier over the data set's classes"}
+    dcgan = Evaluator(resolved, registry, objective=FakeDCGAN(generator, (10, 4)), dataset=data, device=CPU)
+    assert dcgan.run(["rec_acc"]).skipped == {"rec_acc": "the dcgan objective has no encoder"}
+
+
+CATALOGUE_PROTOCOL_REC_ACC = ("metric", "images", "reference_split", "num_reference", "reference_seed",
+                              "feature_extractor")
 
 
 def test_docs_give_the_feature_extractors_true_defaults(registry):

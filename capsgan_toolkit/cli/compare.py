@@ -5,7 +5,8 @@ Two forms::
     capsgan compare SPEC.toml --out DIR        # train every arm x seed, evaluate, report
     capsgan compare RUN_DIR RUN_DIR ... --out DIR   # report on runs that exist (one protocol)
 
-Both write DIR/compare.json, DIR/compare.md and DIR/compare.html and print the table.
+Both write DIR/compare.json, DIR/compare.md and DIR/compare.html and print the headline (per contrast,
+the capsule-vs-CNN question first: which arm is better, at what Holm-adjusted confidence) and the tables.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from capsgan_toolkit.compare.spec import CompareError, load_spec
 @option("--out", type=click.Path(file_okay=False), default=None,
         help="Comparison folder (default: compare/<spec name>, or compare/report for run folders).")
 @option("--allow-difference", "allow", multiple=True, metavar="KEY",
-        help="Let the arms differ in KEY (or a table such as data) although a fair comparison needs it equal; "
-             "shown in red in every output.")
-@option("--baseline", default=None, help="Baseline arm (default: the spec's; for run folders: the first arm).")
+        help="Let the arms differ in KEY (or a table such as data; steps: the optimizer steps and images each run "
+             "trained) although a fair comparison needs it equal; shown in red in every output.")
+@option("--baseline", default=None,
+        help="The cost tables' reference arm (default: the spec's, else its first arm; for run folders: the first "
+             "arm). Every pair of arms is compared unless the spec names [[contrasts]].")
 @option("--arm", "arm_labels", multiple=True, metavar="LABEL", help="Only these arms of the spec (and the baseline).")
 @option("--with-optional", is_flag=True, default=False, help="Also run the spec's optional arms.")
 @option("--jobs", type=click.IntRange(min=1), default=1, help="Runs at once (each run is its own worker process).")

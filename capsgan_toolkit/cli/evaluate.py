@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from capsgan_toolkit.cli.common import DEVICES, console, friendly, option
 from capsgan_toolkit.catalogue import EVAL_METRICS
+from capsgan_toolkit.cli.common import DEVICES, console, friendly, option
 
 
 def _metric_list(text: str | None) -> list[str] | None:
@@ -45,8 +45,27 @@ def _print_report(report) -> None:
     from capsgan_toolkit.catalogue import render_table
 
     console.print(render_table(report))
+    for line in _ceiling_lines(report.metrics):
+        console.print(line, highlight=False)
     for label, description in report.extractors.items():
         console.print(f"  features [bold]{label}[/]: {description}", highlight=False)
+
+
+def _ceiling_lines(metrics: dict[str, float]) -> list[str]:
+    """Read each gen_condacc against rec_acc of the same judge: its accuracy on reconstructions, the ceiling."""
+    from capsgan_toolkit.catalogue import parse
+
+    parsed = {key: parse(key) for key in metrics}
+    lines = []
+    for key, found in parsed.items():
+        if found is None or found.key.stem != "gen_condacc":
+            continue
+        ceiling = next((k for k, p in parsed.items() if p is not None and p.key.stem == "rec_acc"
+                        and p.label == found.label), None)
+        if ceiling is not None:
+            lines.append(f"  {key} {metrics[key]:.3f} against its ceiling {ceiling} {metrics[ceiling]:.3f} "
+                         f"(the same judge on reconstructions of real images)")
+    return lines
 
 
 @click.command("sample")
@@ -83,8 +102,8 @@ def probe_command(run_dir, n, checkpoint, device):
     """Measure what encoder and generator keep of turned, moved and scrambled test images; write probe.json, .png."""
     from rich.table import Table
 
-    from capsgan_toolkit.tools import probe as probing
     from capsgan_toolkit.rundir.folder import RunDir
+    from capsgan_toolkit.tools import probe as probing
 
     result = probing.write_probe(run_dir, n=n, checkpoint=checkpoint, device=device)
     table = Table(title=f"spatial-structure probe ({result['images']} test images)", title_justify="left")

@@ -57,11 +57,11 @@ class RunRecord:
         """Quality numbers: eval.json's metrics, and the trainer's end-of-training ``test_*`` numbers."""
         out: dict[str, float] = {}
         for name, value in ((self.eval or {}).get("metrics") or {}).items():
-            if _number(value) is not None:
-                out[name] = _number(value)
+            if (number := _number(value)) is not None:
+                out[name] = number
         for name, value in self.summary.items():
-            if name.startswith("test_") and _number(value) is not None and name not in out:
-                out[name] = _number(value)
+            if name.startswith("test_") and (number := _number(value)) is not None and name not in out:
+                out[name] = number
         return out
 
     def protocol(self, name: str) -> dict[str, Any]:
@@ -79,17 +79,18 @@ class RunRecord:
         s = self.summary
         out: dict[str, float] = {}
         for name in ("images_per_s", "train_time_s", "peak_memory_bytes"):
-            if _number(s.get(name)) is not None:
-                out[name] = _number(s[name])
+            if (number := _number(s.get(name))) is not None:
+                out[name] = number
         epochs = _number(s.get("epochs"))
-        if _number(s.get("seconds_per_epoch")) is not None:
-            out["seconds_per_epoch"] = _number(s["seconds_per_epoch"])
-        elif _number(s.get("train_time_s")) is not None and epochs:
-            out["seconds_per_epoch"] = _number(s["train_time_s"]) / epochs
+        per_epoch, train_time = _number(s.get("seconds_per_epoch")), _number(s.get("train_time_s"))
+        if per_epoch is not None:
+            out["seconds_per_epoch"] = per_epoch
+        elif train_time is not None and epochs:
+            out["seconds_per_epoch"] = train_time / epochs
         for table in ("parameters", "flops_per_image"):
             parts = s.get(table)
             if isinstance(parts, dict):
-                numbers = {k: _number(v) for k, v in parts.items() if _number(v) is not None}
+                numbers = {k: number for k, v in parts.items() if (number := _number(v)) is not None}
                 for part, value in numbers.items():
                     out[f"{table}.{part}"] = value
                 if numbers and "total" not in numbers:
@@ -144,12 +145,36 @@ def read_probe(rd: RunDir) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
 
 
+def trained(record: RunRecord) -> dict[str, Any]:
+    """What the run's training did, from summary.json: optimizer ``steps`` and training ``images`` seen.
+
+    ``images`` is summary.json's ``images`` (or ``images_seen``) when it has one, else steps x
+    ``data.batch_size`` of the run's recipe.
+    """
+    s = record.summary
+    out: dict[str, Any] = {}
+    steps = s.get("steps")
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        out["steps"] = steps
+    images = next((s[k] for k in ("images", "images_seen") if isinstance(s.get(k), int)), None)
+    batch = (record.recipe.get("data") or {}).get("batch_size")
+    if images is None and "steps" in out and isinstance(batch, int):
+        images = out["steps"] * batch
+    if images is not None:
+        out["images"] = images
+    return out
+
+
 def fairness_recipe(record: RunRecord) -> dict[str, Any]:
-    """The recipe the fairness check compares: the run's, with ``[eval]`` replaced by the protocol used."""
+    """The recipe the fairness check compares: the run's, with ``[eval]`` replaced by the protocol used, and a
+    ``trained`` table of the steps and images its training did (:func:`trained`)."""
     recipe = dict(record.recipe)
     table = (record.eval or {}).get("eval")
     if isinstance(table, dict):
         recipe["eval"] = table
+    done = trained(record)
+    if done:
+        recipe["trained"] = done
     return recipe
 
 

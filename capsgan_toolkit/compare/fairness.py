@@ -7,16 +7,20 @@ Three kinds of keys:
 - must match (a difference confounds the comparison): ``data.*`` (data set, image size,
   batch size, ...), the budget (``run.epochs``, ``run.steps_per_epoch``, ``run.max_steps``,
   ``run.max_minutes``), the evaluation protocol (``eval.*`` but the incidental
-  ``eval.every_epochs``, ``eval.cache_dir``, ``eval.batch_size``) and the seed set
-  (``run.seed``, compared as the set of seeds of each arm). A difference is refused unless
-  ``--allow-difference KEY`` (or the spec's ``allow_difference``) names the key or a table
-  above it; allowed differences are then shown in red in every output;
+  ``eval.every_epochs``, ``eval.cache_dir``, ``eval.batch_size``), the seed set
+  (``run.seed``, compared as the set of seeds of each arm) and what training did
+  (``trained.steps``, the optimizer steps, and ``trained.images``, the training images seen,
+  read from each finished run's summary.json: a minutes budget or a run stopped early gives
+  unequal ones). A difference is refused unless ``--allow-difference KEY`` (or the spec's
+  ``allow_difference``) names the key or a table above it (``steps`` names ``trained``);
+  allowed differences are then shown in red in every output;
 - other keys (device, logging, checkpoints, ...): shown, never refused.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +29,13 @@ from capsgan_toolkit.recipe.diff import ABSENT, PER_RUN, flatten, under
 
 MEANT = ("encoder", "objective", "generator", "discriminator", "losses", "optim", "gate")
 MEANT_KEYS = ("run.name",)
-MUST_MATCH = ("data",)
+MUST_MATCH = ("data", "trained")
 MUST_MATCH_KEYS = ("run.epochs", "run.steps_per_epoch", "run.max_steps", "run.max_minutes", "run.seed")
 INCIDENTAL_EVAL = ("eval.every_epochs", "eval.cache_dir", "eval.batch_size")
-ALIASES = {"seeds": "run.seed", "seed": "run.seed", "image_size": "data.image_size", "batch_size": "data.batch_size"}
+ALIASES = {"seeds": "run.seed", "seed": "run.seed", "image_size": "data.image_size", "batch_size": "data.batch_size",
+           "steps": "trained", "images": "trained"}
+TRAINED = "trained"
+"""The pseudo-table of what each run's training did (from summary.json): ``trained.steps``, ``trained.images``."""
 
 
 def category(key: str) -> str:
@@ -99,7 +106,12 @@ class Fairness:
                  f"{'s' if len(refused) != 1 else ''}):"]
         for d in refused:
             lines.append(f"  - {d.key}: " + ", ".join(f"{arm} {d.shown(arm)}" for arm in arms))
-        keys = " ".join(f"--allow-difference {d.key}" for d in refused)
+        keys = " ".join(dict.fromkeys(f"--allow-difference {'steps' if under(d.key, TRAINED) else d.key}"
+                                      for d in refused))
+        if any(under(d.key, TRAINED) for d in refused):
+            lines.append("trained.steps and trained.images are each run's optimizer steps and training images seen "
+                         "(summary.json): a minutes budget, a different batch size or a run stopped early trains "
+                         "the arms unequally.")
         lines.append("Make the arms' recipes agree (an arm's `set` in the spec can fix a key), or accept the "
                      f"confound with {keys} (it is then shown in red in every output).")
         raise CompareError("\n".join(lines))
@@ -108,7 +120,8 @@ class Fairness:
         return {"allow": self.allow, "differences": [d.to_dict() for d in self.differences],
                 "allowed_differences": [d.key for d in self.allowed],
                 "categories": {"meant": "meant to differ (what is compared)",
-                               "must_match": "must match unless allowed (data, budget, eval protocol, seed set)",
+                               "must_match": "must match unless allowed (data, budget, eval protocol, seed set, "
+                                             "steps and images trained)",
                                "other": "incidental (device, logging, checkpoints)"}}
 
 
@@ -120,7 +133,7 @@ def is_allowed(key: str, allow: list[str]) -> bool:
     return False
 
 
-def compare_recipes(recipes: dict[str, list[dict[str, Any]]], allow: list[str] = ()) -> Fairness:
+def compare_recipes(recipes: dict[str, list[dict[str, Any]]], allow: Sequence[str] = ()) -> Fairness:
     """List every dotted key on which the arms differ.
 
     Args:
@@ -158,3 +171,44 @@ def _seed_order(text: str):
         return (0, int(text))
     except ValueError:
         return (1, text)
+
+
+def display_rows(differences: list[dict[str, Any]], arms: list[str]) -> list[dict[str, Any]]:
+    """Rows of the fairness table for people: refused and allowed keys, then meant-to-differ, then incidental.
+
+    Rows that differ only because some arms lack the key (``(absent)``) while the arms that have
+    it agree are collapsed into one row per table and status: ``encoder.*`` (9 keys), with the
+    common value where there is one and "set" otherwise. Refused and allowed rows are never
+    collapsed. Each row: ``{key, status, values, keys}`` (``keys``: the collapsed keys).
+    """
+    rank = {"refused": 0, "allowed": 1, "meant": 2, "other": 3}
+    rows: list[dict[str, Any]] = []
+    groups: dict[tuple, dict[str, Any]] = {}
+    for d in sorted(differences, key=lambda d: rank.get(d["status"], 4)):
+        values = d["values"]
+        present = {a: v for a, v in values.items() if v != ABSENT}
+        if d["status"] in ("refused", "allowed") or len(present) == len(values) or len(set(present.values())) > 1:
+            rows.append({"key": d["key"], "status": d["status"], "values": values, "keys": [d["key"]]})
+            continue
+        table = d["key"].split(".")[0]
+        absent = tuple(sorted(a for a in values if a not in present))
+        group_key = (table, d["status"], absent)
+        if group_key not in groups:
+            groups[group_key] = {"key": f"{table}.*", "status": d["status"], "values": {}, "keys": []}
+            rows.append(groups[group_key])
+        groups[group_key]["keys"].append(d["key"])
+        groups[group_key].setdefault("_present", []).append(present)
+    for row in rows:
+        present_list = row.pop("_present", None)
+        if present_list is None:
+            continue
+        if len(row["keys"]) == 1:
+            row["key"] = row["keys"][0]
+        for arm in arms:
+            if arm not in present_list[0]:
+                row["values"][arm] = ABSENT
+            elif len(row["keys"]) == 1:
+                row["values"][arm] = present_list[0][arm]
+            else:
+                row["values"][arm] = f"set ({len(row['keys'])} keys)"
+    return rows

@@ -13,13 +13,19 @@ from capsgan_toolkit.compare.fairness import Fairness
 
 def write_outputs(arms: dict[str, list[RunRecord]], out: Path, *, baseline: str, fairness: Fairness, title: str,
                   description: str = "", budget: str = "", source: str = "", arm_info: dict | None = None,
+                  contrasts: list[tuple[str, str]] | None = None, key_metrics: list[str] | None = None,
                   console: Console | None = None) -> dict[str, Any]:
-    """Compute the comparison and write compare.json, compare.md and compare.html into ``out``."""
+    """Compute the comparison and write compare.json, compare.md and compare.html into ``out``.
+
+    ``contrasts`` are the pairs of arms compared (default: every pair); ``key_metrics`` the headline's.
+    """
     from capsgan_toolkit.compare import html, report  # matplotlib and jinja2 load only when a report is written
 
     out.mkdir(parents=True, exist_ok=True)
     data = report.build_report(arms, baseline=baseline, fairness=fairness, title=title, description=description,
-                               budget=budget, source=source, arm_info=arm_info)
+                               budget=budget, source=source, arm_info=arm_info, contrasts=contrasts,
+                               key_metrics=key_metrics)
+    arms = {a["label"]: arms[a["label"]] for a in data["arms"]}  # the report's order: the question arms first
     paths = [report.write_json(data, out / "compare.json"), report.write_markdown(data, out / "compare.md"),
              html.write_html(data, arms, out / "compare.html")]
     if console is not None:

@@ -24,19 +24,22 @@ INTRO = ("The report's motivation: capsules keep spatial structure that CNNs los
          "the images as they are (per seed, then averaged); for the accuracy, each encoder arm after the first is "
          "compared with it by the paired difference of that change (positive: it loses less).")
 SHOWN = {"none": "as they are"}
+LIMITS = {"acc": (0.0, 1.0), "rec_acc": (0.0, 1.0), "true_class_length": (0.0, 1.0), "rec_mse01": (0.0, 1.0),
+          "rec_ssim": (-1.0, 1.0)}
+"""The range of each probe column's mean (a capsule's length is squashed into [0, 1]); intervals stay inside."""
 
 
 def build(arms: dict[str, list[RunRecord]]) -> dict[str, Any] | None:
     """Return the section's numbers (compare.json's ``probe``), or ``None`` when no run was probed."""
-    probed = [r for runs in arms.values() for r in runs if r.probe is not None and "columns" in r.probe]
-    if not probed:
+    probes = [r.probe for runs in arms.values() for r in runs if r.probe is not None and "columns" in r.probe]
+    if not probes:
         return None
-    perturbations = list(dict.fromkeys(row["probe"] for r in probed for row in r.probe["rows"]))
+    perturbations = list(dict.fromkeys(row["probe"] for probe in probes for row in probe["rows"]))
     columns: dict[str, dict] = {}
-    for rec in probed:
-        for name, info in rec.probe["columns"].items():
+    for probe in probes:
+        for name, info in probe["columns"].items():
             columns.setdefault(name, info)
-    section: dict[str, Any] = {"title": TITLE, "images": sorted({r.probe.get("images") for r in probed}),
+    section: dict[str, Any] = {"title": TITLE, "images": sorted({probe.get("images") for probe in probes}),
                                "perturbations": perturbations, "columns": columns, "arms": {}, "reference": None,
                                "paired": {}}
     for arm, runs in arms.items():
@@ -53,25 +56,28 @@ def build(arms: dict[str, list[RunRecord]]) -> dict[str, Any] | None:
 
 
 def _arm(runs: list[RunRecord], perturbations: list[str], columns: dict[str, dict]) -> dict[str, Any]:
-    records = [r for r in runs if r.probe is not None and "columns" in r.probe]
+    records = [(r.seed, r.probe) for r in runs if r.probe is not None and "columns" in r.probe]  # (seed, probe.json)
     if not records:
         old = any(r.probe is not None for r in runs)
         return {"status": "not probed", "reason": "probe.json is from an older capsgan; run `capsgan probe` again"
                 if old else "no probe.json; run `capsgan probe RUN_DIR` on its runs"}
-    skipped = {c: why for r in records for c, why in (r.probe.get("skipped") or {}).items()}
-    names = [c for c in columns if any(c in r.probe["columns"] for r in records)]
+    skipped = {c: why for _, probe in records for c, why in (probe.get("skipped") or {}).items()}
+    names = [c for c in columns if any(c in probe["columns"] for _, probe in records)]
     if not names:
         return {"status": "n/a", "reason": "; ".join(sorted(set(skipped.values()))) or "nothing measured"}
     values: dict[str, dict] = {}
     change: dict[str, dict] = {}
     for c in names:
-        by = {p: {r.seed: row[c] for r in records for row in r.probe["rows"]
+        by = {p: {seed: row[c] for seed, probe in records for row in probe["rows"]
                   if row.get("probe") == p and isinstance(row.get(c), (int, float))} for p in perturbations}
-        values[c] = {p: stats.summarize(v) for p, v in by.items()}
+        limits = LIMITS.get(c, stats.UNBOUNDED)
+        values[c] = {p: stats.summarize(v, limits) for p, v in by.items()}
         clean = by.get("none", {})
-        change[c] = {p: stats.summarize({s: v / clean[s] - 1 for s, v in by[p].items() if clean.get(s)})
+        floor = -1.0 if limits[0] >= 0 else -float("inf")  # a non-negative quantity loses at most all of itself
+        change[c] = {p: stats.summarize({s: v / clean[s] - 1 for s, v in by[p].items() if clean.get(s)},
+                                        (floor, float("inf")))
                      for p in perturbations if p != "none"}
-    return {"status": "measured", "seeds": sorted(r.seed for r in records), "values": values, "change": change,
+    return {"status": "measured", "seeds": sorted(seed for seed, _ in records), "values": values, "change": change,
             "skipped": {c: why for c, why in skipped.items() if c not in names}}
 
 
@@ -86,6 +92,8 @@ def _half(s: dict) -> float | None:
 def _value(s: dict) -> str:
     if s["mean"] is None:
         return "-"
+    if s.get("clipped") and s["ci95"]:  # the column's range cut the interval: show both ends
+        return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
     half = _half(s)
     return f"{s['mean']:.3f}" + (f" ± {half:.3f}" if half is not None else "")
 

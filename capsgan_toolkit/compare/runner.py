@@ -33,15 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsgan_toolkit.compare.collect import (PROTOCOL_IGNORED, fairness_recipe, protocol_differences, read_probe,
-                                             read_run)
+from capsgan_toolkit.compare.collect import (
+    PROTOCOL_IGNORED,
+    fairness_recipe,
+    protocol_differences,
+    read_probe,
+    read_run,
+)
 from capsgan_toolkit.compare.fairness import Fairness, compare_recipes
 from capsgan_toolkit.compare.spec import ArmSpec, CompareError, LoadedSpec
 from capsgan_toolkit.progress import rich_bars
 from capsgan_toolkit.recipe.diff import RERUN_IGNORED, recipe_diff
 from capsgan_toolkit.rundir.folder import RunDir
-
-"""Keys a finished run may differ in from the spec and still be reused (evaluation, placement)."""
 
 
 @dataclass
@@ -265,13 +268,13 @@ class Runner:
                 if why := needs_evaluation(RunDir(job.path), job.desired):
                     progress.update(task, description=f"{job.name}: evaluating ({why})")
                     api.evaluate(job.path, sets=self._eval_sets())
-                if why := needs_probe(RunDir(job.path), self.probe_images):
+                if self.probe_images is not None and (why := needs_probe(RunDir(job.path), self.probe_images)):
                     progress.update(task, description=f"{job.name}: probing ({why})")
                     probe_run(job.path, self.probe_images)
                 progress.advance(task)
                 self._say(f"  {job.name} done")
 
-    def _worker(self, job: Job, state: str, devices: "queue.Queue[str | None]", progress, task) -> tuple[Job, int, Path]:
+    def _worker(self, job: Job, state: str, devices: queue.Queue[str | None], progress, task) -> tuple[Job, int, Path]:
         log = self.out / "logs" / f"{job.arm}-seed-{job.seed}.log"
         if self._stopping.is_set():
             return job, 130, log
@@ -315,12 +318,11 @@ class Runner:
             proc.wait()
 
     def _run_workers(self, todo) -> None:
-
-
         devices: queue.Queue = queue.Queue()
         for i in range(self.jobs):
             devices.put(self.devices[i % len(self.devices)] if self.devices else None)
-        self._stopping, self._lock, self._running = threading.Event(), threading.Lock(), {}
+        self._stopping, self._lock = threading.Event(), threading.Lock()
+        self._running: dict[str, subprocess.Popen[bytes]] = {}  # job name -> its worker process
         failures = []
         pool = ThreadPoolExecutor(max_workers=self.jobs)
         try:
@@ -374,4 +376,5 @@ class Runner:
                             "description": arm.description, "optional": arm.optional} for arm in self.arms}
         return write_outputs(arms, self.out, baseline=baseline, fairness=fairness, title=self.loaded.title,
                              description=spec.description, budget=spec.budget.describe(),
-                             source=str(self.loaded.path), arm_info=info, console=self.console)
+                             source=str(self.loaded.path), arm_info=info, contrasts=spec.contrast_pairs(),
+                             key_metrics=spec.key_metrics, console=self.console)

@@ -4,8 +4,9 @@ A spec is a TOML file validated like a recipe (unknown keys rejected, every erro
 its dotted key)::
 
     title = "capsule vs CNN encoder vs plain DCGAN"
-    baseline = "dcgan"
+    baseline = "dcgan"                 # optional: the cost tables' reference (default: the first arm)
     seeds = 2                          # or a list: [0, 1, 2]
+    key_metrics = ["gen_fid", "acc"]   # optional: the headline's metrics (stems or result keys)
     set = ["run.log_every=10"]         # optional overrides for every arm
     probe = true                       # optional: `capsgan probe` every run (spatial structure)
     probe_images = 500                 # test images the probe uses
@@ -21,6 +22,10 @@ its dotted key)::
     label = "capsule"
     recipe = "quickstart.toml"         # relative to this file
     set = ["encoder.primary_types=16"] # optional --set-style overrides
+
+    [[contrasts]]                      # optional: the pairs compared (default: every pair)
+    a = "capsule"
+    b = "cnn"
 
 The spec turns into recipe overrides: the budget into ``run.epochs`` / ``run.max_steps`` /
 ``run.max_minutes``, the ``[eval]`` table into ``eval.*``, each seed into ``run.seed``.
@@ -48,6 +53,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _key_values(value: list[str]) -> list[str]:
+    """Check that every entry of a ``set`` list is ``key.path=value`` (the arms' and the spec's)."""
+    for text in value:
+        if "=" not in text or not text.split("=", 1)[0].strip():
+            raise ValueError(f'"{text}" is not key.path=value, for example encoder.primary_types=32')
+    return value
+
+
 class ArmSpec(_Strict):
     label: str = Field(description="Name of the arm in every output; also its folder runs/<label>/.")
     recipe: str = Field(description="The arm's recipe, relative to the spec file.")
@@ -65,10 +78,7 @@ class ArmSpec(_Strict):
     @field_validator("set")
     @classmethod
     def _key_value(cls, value: list[str]) -> list[str]:
-        for text in value:
-            if "=" not in text or not text.split("=", 1)[0].strip():
-                raise ValueError(f'"{text}" is not key.path=value, for example encoder.primary_types=32')
-        return value
+        return _key_values(value)
 
 
 class BudgetSpec(_Strict):
@@ -113,7 +123,8 @@ class EvalSpec(_Strict):
     def _plugin_named(cls, value):
         for label, table in (value or {}).items():
             if not isinstance(table, dict) or not isinstance(table.get("plugin"), str):
-                raise ValueError(f'feature extractor "{label}" needs a table with a plugin name, e.g. {{ plugin = "domain_classifier" }}')
+                raise ValueError(f'feature extractor "{label}" needs a table with a plugin name, '
+                                 'e.g. { plugin = "domain_classifier" }')
         return value
 
     def overrides(self) -> list[str]:
@@ -124,10 +135,25 @@ class EvalSpec(_Strict):
         return out
 
 
+class ContrastSpec(_Strict):
+    a: str = Field(description="Label of the first arm; differences are a(seed k) - b(seed k).")
+    b: str = Field(description="Label of the second arm.")
+
+
+DEFAULT_KEY_METRICS = ("gen_fid", "gen_condacc", "acc", "rec_mse", "rec_acc")
+"""The headline's metrics when a spec names none: result-key stems, the first key of each that was measured."""
+
+
 class CompareSpec(_Strict):
     title: str = Field("", description="Title of the report (default: the spec file's name).")
     description: str = Field("", description="A paragraph shown under the title.")
-    baseline: str = Field(description="Label of the arm every other arm is compared with.")
+    baseline: str = Field("", description="Label of the cost tables' reference arm, which always runs "
+                                          "(default: the first arm).")
+    contrasts: list[ContrastSpec] = Field(
+        default_factory=list, description="Pairs of arms compared seed by seed (default: every pair of arms).")
+    key_metrics: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_KEY_METRICS),
+        description="The headline's metrics: result-key stems (gen_fid) or result keys (gen_fid500_test_domain).")
     seeds: list[int] = Field(description="Seeds every arm is trained with: a list, or a count N for 0..N-1.")
     budget: BudgetSpec = Field(description="One training budget for every arm.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="One evaluation protocol for every arm.")
@@ -140,7 +166,10 @@ class CompareSpec(_Strict):
         default_factory=list, description="Recipe keys allowed to differ between arms (shown in red).")
     arms: list[ArmSpec] = Field(min_length=2, description="The arms, each a recipe (and overrides).")
 
-    _key_value = field_validator("set")(ArmSpec._key_value.__func__)
+    @field_validator("set")
+    @classmethod
+    def _key_value(cls, value: list[str]) -> list[str]:
+        return _key_values(value)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -170,9 +199,24 @@ class CompareSpec(_Strict):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"arm label {dup[0]!r} is used twice")
+        if not self.baseline:
+            self.baseline = labels[0]
         if self.baseline not in labels:
             raise ValueError(f"baseline {self.baseline!r} is not an arm label; the arms are: {', '.join(labels)}")
+        seen: set[frozenset[str]] = set()
+        for i, c in enumerate(self.contrasts):
+            unknown = [x for x in (c.a, c.b) if x not in labels]
+            if unknown:
+                raise ValueError(f"contrasts.{i}: {unknown[0]!r} is not an arm label; the arms are: {', '.join(labels)}")
+            if c.a == c.b:
+                raise ValueError(f"contrasts.{i}: an arm cannot be contrasted with itself ({c.a!r})")
+            if frozenset((c.a, c.b)) in seen:
+                raise ValueError(f"contrasts.{i}: {c.a} vs {c.b} is given twice")
+            seen.add(frozenset((c.a, c.b)))
         return self
+
+    def contrast_pairs(self) -> list[tuple[str, str]]:
+        return [(c.a, c.b) for c in self.contrasts]
 
     def arm(self, label: str) -> ArmSpec:
         return next(a for a in self.arms if a.label == label)

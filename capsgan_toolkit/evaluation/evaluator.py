@@ -19,24 +19,40 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import Subset
 
 from capsgan_toolkit.catalogue import (
-    CATALOGUE, FEATURE_METRICS, KID_SUBSETS, Metric, is_splits, kid_subset_size, missing_capability, result_key,
+    CATALOGUE,
+    FEATURE_METRICS,
+    KID_SUBSETS,
+    Metric,
+    is_splits,
+    kid_subset_size,
+    missing_capability,
+    result_key,
 )
 from capsgan_toolkit.data import batch_loader
-from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup
-from capsgan_toolkit.evaluation.scores import (
-    cache_root, conditional_accuracy, fidelity_scores, fork_rng, psnr,
-    recon_mse01, ssim, to_fidelity_images,
-)
 from capsgan_toolkit.evaluation.prior import ClassGaussianPrior, encode_for_prior
-from capsgan_toolkit.recipe.schema import ResolvedRecipe
+from capsgan_toolkit.evaluation.scores import (
+    cache_root,
+    conditional_accuracy,
+    fidelity_scores,
+    fork_rng,
+    psnr,
+    recon_mse01,
+    ssim,
+    to_fidelity_images,
+)
+from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup
 from capsgan_toolkit.plugin.registry import Registry
+from capsgan_toolkit.progress import Progress, as_progress, progress_task
+from capsgan_toolkit.recipe.build import create
+from capsgan_toolkit.recipe.schema import ResolvedRecipe
 
 
 @dataclass
@@ -68,8 +84,8 @@ def data_id(resolved: ResolvedRecipe) -> str:
 
 def build_extractors(resolved: ResolvedRecipe, registry: Registry, info) -> dict[str, FeatureExtractor]:
     """Build the recipe's ``eval.features`` extractors, by label (through the registry, as every component)."""
-    return {label: registry.create("metric_features", spec.plugin, resolved.params[f"eval.features.{label}"], info=info)
-            for label, spec in resolved.recipe.eval.features.items()}
+    return {label: create(registry, resolved, f"eval.features.{label}", info=info)
+            for label in resolved.recipe.eval.features}
 
 
 def preflight(resolved: ResolvedRecipe, registry: Registry, info) -> None:
@@ -142,16 +158,15 @@ class Evaluator:
         device: where to run.
         progress: ``None`` (quiet), a rich Console (progress bars with time left), a
             ``log(text)`` callable (lines only) or a :class:`~capsgan_toolkit.progress.Progress`.
-        log: older name of ``progress`` (a ``log(text)`` callable: lines only).
     """
 
     def __init__(self, resolved: ResolvedRecipe, registry: Registry, *, objective, dataset, device: torch.device,
-                 progress=None, log: Callable[[str], None] | None = None):
+                 progress=None):
         self.resolved = resolved
         self.ev = resolved.recipe.eval
         self.objective, self.dataset, self.device = objective, dataset, device
         self.name = objective_name(objective, resolved)
-        self.progress: Progress = as_progress(progress if progress is not None else log)
+        self.progress: Progress = as_progress(progress)
         self.extractors = build_extractors(resolved, registry, dataset.info)
         self.cache_dir = cache_root(self.ev.cache_dir)
         self.data_id = data_id(resolved)
@@ -207,7 +222,9 @@ class Evaluator:
         split = self.dataset.split(split_name)
         n_ref = min(n, len(split))
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(ev.seed))[:n_ref]
-        real = torch.cat([images for images, _ in _batches(split, order, ev.batch_size)])
+        batches = list(_batches(split, order, ev.batch_size))
+        real = torch.cat([images for images, _ in batches])
+        real_labels = torch.cat([torch.as_tensor(labels).long() for _, labels in batches])
         real_u8 = to_fidelity_images(real)
         base = {"reference_split": split_name, "num_reference": n_ref, "reference_seed": ev.seed,
                 "image_format": "uint8 RGB (grayscale replicated)"}
@@ -224,8 +241,9 @@ class Evaluator:
                         ("rec_ssim", ssim(recon, real), "ssim (gaussian 11x11, sigma 1.5, valid region)")):
                     self._add(report, entry, result_key(stem, count=n_ref, split=split_name), values.mean(),
                               {**info, "metric": text})
-            self._scores(report, [e for e in rec if e.fidelity_flag], to_fidelity_images(recon), real_u8,
-                         n_ref, info, "reconstructions")
+            recon_u8 = to_fidelity_images(recon)
+            self._scores(report, [e for e in rec if e.fidelity_flag], recon_u8, real_u8, n_ref, info,
+                         "reconstructions")
 
         if gen:
             self.objective.prepare_generation(self.dataset.split("train"), limit=ev.prior_images, seed=ev.seed,
@@ -243,7 +261,15 @@ class Evaluator:
                               + (", classes balanced" if conditional else ", unconditional")}
             self._scores(report, [e for e in gen if e.fidelity_flag], fake_u8, real_u8, n, info, "new images")
             if any(e.name == "gen_condacc" for e in gen):
-                self._conditional_accuracy(report, fake_u8, classes, n, info)
+                self._judged(report, "gen_condacc", fake_u8, classes,
+                             lambda label: result_key("gen_condacc", count=n, label=label),
+                             {**info, "metric": "class-conditional accuracy"})
+        if any(e.name == "rec_acc" for e in rec):  # after gen_condacc: the ceiling it is read against
+            self._judged(report, "rec_acc", recon_u8, real_labels,
+                         lambda label: result_key("rec_acc", count=n_ref, split=split_name, label=label),
+                         {**base, "images": f"reconstructions of {n_ref} {split_name} images (the {self.name} "
+                                            "objective), judged against the real images' labels",
+                          "metric": "accuracy (argmax of the extractor's class logits, true labels)"})
         return report
 
     @staticmethod
@@ -301,14 +327,17 @@ class Evaluator:
                     self._add(report, e, result_key(rk.stem, count=count, split=self.ev.reference_split, label=label),
                               values[rk.fidelity_result], record)
 
-    def _conditional_accuracy(self, report: EvalReport, fake_u8: torch.Tensor, classes: torch.Tensor, n: int,
-                              info: dict[str, Any]) -> None:
-        entry = CATALOGUE["gen_condacc"]
+    def _judged(self, report: EvalReport, name: str, images_u8: torch.Tensor, classes: torch.Tensor,
+                key: Callable[[str], str], info: dict[str, Any]) -> None:
+        """Add ``name`` (``gen_condacc``, ``rec_acc``) per extractor: how often its classifier says ``classes``.
+
+        ``key(label)`` is the result key for the extractor labelled ``label``.
+        """
+        entry = CATALOGUE[name]
         for label in self.extractors:
             setup = self.setup(label)
             if setup.classifier is None:
-                report.skipped[f"gen_condacc@{label}"] = "needs a classifier over the data set's classes"
+                report.skipped[f"{name}@{label}"] = "needs a classifier over the data set's classes"
                 continue
-            self._add(report, entry, result_key("gen_condacc", count=n, label=label),
-                      conditional_accuracy(setup.classifier, fake_u8, classes),
-                      {**info, "metric": "class-conditional accuracy", "feature_extractor": setup.description})
+            self._add(report, entry, key(label), conditional_accuracy(setup.classifier, images_u8, classes),
+                      {**info, "feature_extractor": setup.description})

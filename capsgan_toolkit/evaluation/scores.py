@@ -12,18 +12,17 @@ show through :mod:`capsgan_toolkit.progress`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from capsgan_toolkit.catalogue import KID_SUBSETS, count_tag, is_splits, kid_subset_size  # noqa: F401  (re-exported)
+from capsgan_toolkit.catalogue import KID_SUBSETS, is_splits, kid_subset_size
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.interfaces import FeatureSetup
 from capsgan_toolkit.progress import Progress
@@ -221,7 +220,8 @@ def fidelity_scores(
 
 
 def conditional_accuracy(classifier, images: torch.Tensor, classes: torch.Tensor, batch_size: int = 100) -> float:
-    """Return how often ``classifier`` (uint8 RGB -> logits) recognises the class each image was made for."""
+    """Return how often ``classifier`` (uint8 RGB -> logits) says ``classes``: the class each image was made for
+    (``gen_condacc``) or the true class of the image it reconstructs (``rec_acc``)."""
     correct = 0
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):

@@ -216,12 +216,13 @@ class DataPlan:
 
     @classmethod
     def make(cls, built, resolved) -> DataPlan:
-        """Hold out ``run.val_fraction`` of train (only where the objective classifies: it chooses best.pt)."""
+        """Hold out ``run.val_fraction`` of train, whatever the objective: every arm of a comparison then trains
+        on the same images in the same number of steps (the held-out share chooses best.pt where the objective
+        classifies, and is unused otherwise)."""
         run = resolved.recipe.run
         train = built.dataset.split("train")
         full_size = built.dataset.uncropped.split("train") if isinstance(built.dataset, CentreCropped) else train
-        fraction = run.val_fraction if built.objective.has_classifier else 0.0
-        kept, held = split_train_val(len(train), fraction, run.seed)
+        kept, held = split_train_val(len(train), run.val_fraction, run.seed)
         train_set = Subset(full_size, kept) if held else full_size
         batch_size, world = resolved.params["data"].batch_size, distributed.current().world_size
         if len(train_set) < batch_size * world:
