@@ -98,3 +98,25 @@ def test_a_step_budget_that_stops_mid_epoch_resumes_the_rest_of_that_epoch(tmp_p
             assert torch.equal(value, b["models"][part][key]), f"{part}.{key}"
     epochs = [r["epoch"] for r in read_metrics(stopped / "metrics.jsonl") if r["kind"] == "epoch"]
     assert epochs == [0, 1]  # the partial epoch's row was replaced by the whole epoch's
+
+
+def test_end_of_epoch_work_leaves_the_random_stream_of_a_dropout_encoder_alone(tmp_path):
+    """A step budget stops epoch 1 after its first step, and the end-of-epoch work (test accuracy, pictures)
+    runs there: it must not draw from the global RNG, or the resumed run's dropout masks differ."""
+    recipe = copy.deepcopy(TINY_RECIPE)  # 2 epochs x 3 steps
+    recipe["encoder"]["dropout"] = 0.5  # every training step draws from the global RNG
+    result, straight = _run(tmp_path, recipe, name="straight")
+    assert result.exit_code == 0, result.output
+    budget = copy.deepcopy(recipe)
+    budget["run"]["max_steps"] = 4
+    result, stopped = _run(tmp_path, budget, name="stopped")
+    assert result.exit_code == 0, result.output
+    result = invoke("run", "--resume", stopped, "--set", "run.max_steps=0", "--quiet")
+    assert result.exit_code == 0, result.output
+    a = ckpt.load_checkpoint(straight / "checkpoints" / "final.pt")
+    b = ckpt.load_checkpoint(stopped / "checkpoints" / "final.pt")
+    assert b["position"] == a["position"] == {"epoch": 2, "batch_in_epoch": 0, "step": 6}
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    for part, weights in a["models"].items():
+        for key, value in weights.items():
+            assert torch.equal(value, b["models"][part][key]), f"{part}.{key}"

@@ -3,14 +3,18 @@
 A :class:`~capsgan_toolkit.training.trainer.Trainer` holds one :class:`Monitor`, made with what it
 reads: the recipe, the built parts, the data splits, the run folder and metrics log, the position
 and the EMA (the position changes during training: the monitor reads it when it measures). It never
-touches the global random state (evaluation runs under ``fork_rng``), so a run that is
-watched closely trains exactly as one that is not.
+moves the global random state: every method that runs the models or a data loader runs under
+:func:`~capsgan_toolkit.training.state.kept_rng` (a ``DataLoader`` without a generator draws its seed from
+torch's global RNG), so a run that is watched closely trains exactly as one that is not, and a run stopped
+part-way through an epoch (``run.max_steps``, ``run.max_minutes``) resumes exactly as if it had not stopped.
 """
 
 from __future__ import annotations
 
+import functools
 import resource
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import torch
 
@@ -25,12 +29,26 @@ from capsgan_toolkit.rundir.folder import RunDir
 from capsgan_toolkit.rundir.reporting import MetricsLog, plot_curves, read_metrics, save_grid, save_pairs, save_traversal
 from capsgan_toolkit.step.distributed import DiscardLog
 from capsgan_toolkit.step.ema import EMA, averaged
-from capsgan_toolkit.training.state import DataPlan, Position
+from capsgan_toolkit.training.state import DataPlan, Position, kept_rng
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from capsgan_toolkit.evaluation.evaluator import Evaluator
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _keeps_rng(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``method`` under :func:`kept_rng`: whatever it draws, the training's random stream is unmoved."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with kept_rng():
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 class Monitor:
@@ -88,6 +106,7 @@ class Monitor:
             out["rec_mse01"] = sq / max(total, 1)
         return out
 
+    @_keeps_rng
     def epoch_metrics(self) -> dict[str, float]:
         """Return test accuracy / reconstruction MSE (and validation accuracy) of the current models."""
         obj = self.objective
@@ -101,6 +120,7 @@ class Monitor:
             obj.train()
         return row
 
+    @_keeps_rng
     @torch.no_grad()
     def save_samples(self, epoch: int):
         """Save real test images of every class above their reconstructions, or a grid of new images.
@@ -125,6 +145,7 @@ class Monitor:
             obj.train()
         return None
 
+    @_keeps_rng
     @torch.no_grad()
     def histograms(self) -> dict[str, list[float]]:
         """Return the class capsules' lengths on the sample test images (all, and the true class's)."""
@@ -143,6 +164,7 @@ class Monitor:
         return {"capsule_length": lengths.flatten().tolist(),
                 "capsule_length_true_class": lengths.gather(1, labels[:, None]).flatten().tolist()}
 
+    @_keeps_rng
     def save_traversal(self):
         p = self.built.parts
         if p.encoder is None or p.generator is None or not self.objective.has_reconstruction:
@@ -154,22 +176,21 @@ class Monitor:
     def plot(self) -> None:
         plot_curves(read_metrics(self.rd.metrics_file), self.rd.curves_file, title=self.recipe.run.name)
 
+    @_keeps_rng
     def periodic_evaluation(self, epoch: int, step: int) -> dict[str, Any] | None:
         """Evaluate when ``eval.every_epochs`` says so; append a row of kind "eval" and emit the event."""
         ev, done = self.recipe.eval, epoch + 1
         if not ev.every_epochs or not ev.metrics or (done % ev.every_epochs and done != self.recipe.run.epochs):
             return None
-        from capsgan_toolkit.evaluation.scores import fork_rng
+        # Building extractors may draw weights, sampling draws noise: all under _keeps_rng, not from the run's RNG.
+        if self._evaluator is None:  # one per run: extractors are prepared once
+            from capsgan_toolkit.evaluation.evaluator import Evaluator
 
-        with fork_rng(self.device):  # building extractors may draw weights: not from the run's RNG
-            if self._evaluator is None:  # one per run: extractors are prepared once
-                from capsgan_toolkit.evaluation.evaluator import Evaluator
-
-                self._evaluator = Evaluator(self.resolved, self.plugins.registry, objective=self.objective,
-                                            dataset=self.built.dataset, device=self.device,
-                                            progress=self.console)
-            with averaged(self.ema):  # the averaged weights, when the run keeps them
-                report = self._evaluator.run()
+            self._evaluator = Evaluator(self.resolved, self.plugins.registry, objective=self.objective,
+                                        dataset=self.built.dataset, device=self.device,
+                                        progress=self.console)
+        with averaged(self.ema):  # the averaged weights, when the run keeps them
+            report = self._evaluator.run()
         row = {"kind": "eval", "epoch": epoch, "step": step, **report.metrics}
         self.metrics.append(row)
         self.rd.write_eval_protocol({"epoch": epoch, "step": step, **report.to_dict()})

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def kept_rng() -> Iterator[None]:
+    """Run a block that may draw from the global RNGs, then put every one back as it was.
+
+    Covers what a checkpoint keeps (:func:`rng_state`): work outside the training step (per-epoch
+    measurements, pictures, evaluation) then never shifts the random stream the steps draw from, so
+    a run stopped part-way through an epoch and resumed trains exactly as an uninterrupted one.
+    """
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 @dataclass

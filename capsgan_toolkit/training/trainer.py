@@ -35,7 +35,15 @@ from capsgan_toolkit.step.ema import EMA
 from capsgan_toolkit.step.speed import Speed
 from capsgan_toolkit.training.checkpointing import Checkpointing
 from capsgan_toolkit.training.monitor import Monitor
-from capsgan_toolkit.training.state import DataPlan, Position, StopSignals, encoder_diagnostics, epoch_permutation, epoch_seed
+from capsgan_toolkit.training.state import (
+    DataPlan,
+    Position,
+    StopSignals,
+    encoder_diagnostics,
+    epoch_permutation,
+    epoch_seed,
+    kept_rng,
+)
 from capsgan_toolkit.training.stepping import TERMS, Optimizers
 
 if TYPE_CHECKING:
@@ -236,8 +244,9 @@ class Trainer:
         if self.checkpoints.epoch_due(done) and not last:
             self._save_periodic()
         self.monitor.say_epoch(row)
-        emit(self.plugins.manager, EpochEnd(self.rd.path, row["epoch"], row["step"], row, sample,
-                                            self.monitor.histograms()))
+        with kept_rng():  # an observer (a plugin's hook) must not move the run's random stream either
+            emit(self.plugins.manager, EpochEnd(self.rd.path, row["epoch"], row["step"], row, sample,
+                                                self.monitor.histograms()))
 
     def _interrupt(self) -> None:
         path = self.save("interrupt.pt")  # rank 0 writes it; the other ranks of a torchrun run stop with it
