@@ -292,6 +292,10 @@ def missing_capability(entry: Metric, objective: Any, name: str) -> str | None:
 
 # -------------------------------------------------------------------- the [eval] table
 
+PriorKind = Literal["gaussian", "true_slot", "mixture"]
+"""The latent priors new images are drawn from (``objective.prior`` of ``reconstruction_gan``, ``eval.prior``);
+:data:`capsgan_toolkit.evaluation.prior.PRIOR_KINDS` lists them."""
+
 
 class FeatureSpec(BaseModel):
     """An ``eval.features.<label>`` table: a ``metric_features`` plugin name and its params."""
@@ -323,6 +327,13 @@ class EvalSection(BaseModel):
         default_factory=lambda: {"domain": FeatureSpec(plugin="domain_classifier")},
         description="Feature extractors by label (the label ends each score's name), each a metric_features component.")
     prior_images: int = Field(10000, ge=0, description="Training images encoded to fit the latent prior; 0: all.")
+    prior: PriorKind | None = Field(
+        None, description='Latent prior of the new images, chosen at evaluation: "gaussian", "true_slot" or '
+                          '"mixture" (unset: the objective\'s own, objective.prior). Objectives without a latent '
+                          "prior (dcgan) ignore it.")
+    prior_components: int | None = Field(
+        None, ge=2, le=16, description='Gaussians per class of prior = "mixture" (unset: objective.prior_components, '
+                                       "else 3).")
     seed: int = Field(0, ge=0, description="Seed of the reference subset, prior samples and score subsets.")
     batch_size: int = Field(100, ge=1, description="Images per batch when encoding, generating and extracting "
                                                    "features.")
@@ -356,6 +367,11 @@ class EvalSection(BaseModel):
         bad = [label for label in self.features if not label.isidentifier() or label.lower() != label]
         if bad:
             raise ValueError(f"feature extractor label {bad[0]!r} must be a lowercase identifier (it ends result keys)")
+        if self.prior_components is not None and self.prior != "mixture":
+            raise ValueError(
+                f'eval.prior_components ({self.prior_components}) sets the Gaussians per class of eval.prior = '
+                f'"mixture", but eval.prior is {self.prior or "unset"}: set eval.prior = "mixture" or remove '
+                "eval.prior_components.")
         return self
 
 

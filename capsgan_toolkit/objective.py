@@ -125,8 +125,15 @@ class Objective:
         raise NotImplementedError(f"{type(self).__name__} reconstructs nothing")
 
     def prepare_generation(self, train_split, *, limit: int, seed: int, batch_size: int,
-                           device: torch.device, progress: Callable | None = None) -> None:
-        """Get ready to generate (fit a latent prior on training images, if the objective needs one)."""
+                           device: torch.device, progress: Callable | None = None, prior: str | None = None,
+                           prior_components: int | None = None) -> None:
+        """Get ready to generate (fit a latent prior on training images, if the objective needs one).
+
+        ``prior`` and ``prior_components`` are ``eval.prior`` and ``eval.prior_components`` when the
+        ``[eval]`` table sets them (one of :data:`~capsgan_toolkit.evaluation.prior.PRIOR_KINDS`: the
+        latent prior to fit instead of the objective's own); an objective without a latent prior ignores
+        them. The evaluator passes them only when set, so an override without them still works.
+        """
 
     def generate(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Return one new image per entry of ``classes`` (only when :attr:`has_generation`)."""

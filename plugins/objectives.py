@@ -31,6 +31,7 @@ from torch import nn
 
 from capsgan_plugins.losses import r1_penalty
 from capsgan_toolkit import hookimpl
+from capsgan_toolkit.catalogue import PriorKind
 from capsgan_toolkit.errors import CapsganError, RecipeError
 from capsgan_toolkit.evaluation.prior import (
     PRIOR_KINDS,
@@ -185,7 +186,7 @@ class ReconstructionGAN(Objective):
                         'constant scale on the generator\'s gradient; "encoder": only the generator loss\'s '
                         "gradient into the encoder, the generator trains on its unscaled loss.",
         )
-        prior: Literal["gaussian", "true_slot", "mixture"] | None = Field(
+        prior: PriorKind | None = Field(
             None,
             description='Latent prior for new images: "gaussian" (unset: one Gaussian per class), "true_slot" '
                         "(only the true class's capsule varies, the others at their class means; also the "
@@ -358,8 +359,12 @@ class ReconstructionGAN(Objective):
     def reconstruct(self, images):
         return self.p.generator(self.p.encoder.to_latent(self.p.encoder(images)))
 
-    def prepare_generation(self, train_split, *, limit, seed, batch_size, device, progress=None, prior=None):
-        """Fit the latent prior (``prior``, else ``objective.prior``, else ``gaussian``) on training images."""
+    def prepare_generation(self, train_split, *, limit, seed, batch_size, device, progress=None, prior=None,
+                           prior_components=None):
+        """Fit the latent prior (``prior``, else ``objective.prior``, else ``gaussian``) on training images.
+
+        A mixture has ``prior_components`` Gaussians per class, else ``objective.prior_components``, else 3.
+        """
         from capsgan_toolkit.evaluation.evaluator import fit_prior
 
         kind = prior or self.params.prior or "gaussian"
@@ -370,7 +375,8 @@ class ReconstructionGAN(Objective):
                                                            batch_size=batch_size, device=device, progress=progress)
             self.prior = fit_latent_prior(kind, vectors, classes, num_classes=self.p.info.num_classes,
                                           capsule_dim=self.p.encoder.capsule_dim, mode=mode,
-                                          components=self.params.prior_components or 3, seed=seed + 3)
+                                          components=prior_components or self.params.prior_components or 3,
+                                          seed=seed + 3)
             return
         gaussian = fit_prior(self.p.encoder, train_split, limit=limit, seed=seed, batch_size=batch_size,
                              device=device, num_classes=self.p.info.num_classes, progress=progress)

@@ -281,3 +281,56 @@ def test_capsgan_eval_says_which_prior_made_the_samples(tmp_path):
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     described = json.dumps(report)
     assert "class_mixture latent prior (2 Gaussian components per class, EM seed 3)" in described, described
+
+
+def test_eval_prior_chooses_the_prior_of_new_images_without_retraining(tmp_path):
+    from capsgan_toolkit.recipe.diff import RERUN_IGNORED, RESUMABLE, recipe_diff
+
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["run"]["epochs"] = 1  # objective.prior unset: the gaussian prior
+    recipe["eval"] = {"metrics": ["gen_fid"], "num_images": 16, "prior_images": 40,
+                      "features": {"domain": {"plugin": "domain_classifier", "epochs": 1, "channels": 8,
+                                              "feature_dim": 16, "batch_size": 16}}}
+    path = write_toml(tmp_path / "r.toml", recipe)
+    run, cache = tmp_path / "run", f"eval.cache_dir={tmp_path / 'cache'}"
+    assert invoke("run", path, "--out", run, "--quiet").exit_code == 0
+
+    def images_of(result) -> str:
+        assert result.exit_code == 0, result.output
+        report = json.loads((run / "eval.json").read_text())
+        (entry,) = report["protocol"].values()
+        return entry["images"]
+
+    assert "(class_gaussian latent prior," in images_of(invoke("eval", run, "--set", cache))  # the default
+    chosen = invoke("eval", run, "--set", cache, "--set", "eval.prior=mixture", "--set", "eval.prior_components=2")
+    assert "(class_mixture latent prior (2 Gaussian components per class" in images_of(chosen)
+    assert json.loads((run / "eval.json").read_text())["eval"]["prior"] == "mixture"
+    result = invoke("sample", run, "--n", 4, "--set", "eval.prior=true_slot", "--set", "eval.prior_images=40")
+    assert result.exit_code == 0, result.output
+    assert "new samples: class_true_slot latent prior" in result.output
+
+    bad = invoke("eval", run, "--set", "eval.prior=gmm", catch_exceptions=True)
+    assert bad.exit_code != 0 and "eval.prior" in bad.output and "'mixture'" in bad.output, bad.output
+    bad = invoke("eval", run, "--set", "eval.prior_components=2", catch_exceptions=True)
+    assert bad.exit_code != 0 and 'set eval.prior = "mixture"' in bad.output, bad.output
+    # An [eval] key: a finished run is no different for a resume or a comparison's re-run.
+    changed = copy.deepcopy(recipe)
+    changed["eval"].update(prior="mixture", prior_components=4)
+    assert recipe_diff(recipe, changed, RESUMABLE) == recipe_diff(recipe, changed, RERUN_IGNORED) == []
+
+
+def test_eval_prior_is_passed_only_when_set_and_an_objective_that_cannot_take_it_is_named():
+    from capsgan_toolkit.catalogue import EvalSection
+    from capsgan_toolkit.evaluation.evaluator import prepare_generation
+
+    class Mine:
+        name, calls = "mine", []
+
+        def prepare_generation(self, train_split, *, limit, seed, batch_size, device, progress=None):
+            self.calls.append(limit)
+
+    objective = Mine()
+    prepare_generation(objective, None, EvalSection(prior_images=7), device=CPU)  # no eval.prior: as before
+    assert objective.calls == [7]
+    with pytest.raises(CapsganError, match="eval.prior is 'mixture', but the mine objective's prepare_generation"):
+        prepare_generation(objective, None, EvalSection(prior="mixture"), device=CPU)

@@ -78,16 +78,21 @@ def _ceiling_lines(metrics: dict[str, float]) -> list[str]:
 @option("--seed", type=int, default=0, help="Seed of the new samples.")
 @option("--checkpoint", default=None, help="final, best, or a checkpoint file (default: final.pt, else the newest).")
 @option("--device", type=DEVICES, default=None, help="Where to run (default: the recipe's run.device).")
+@option("--set", "sets", multiple=True, metavar="eval.KEY=VALUE",
+        help="Override an [eval] key, e.g. eval.prior=mixture (the latent prior of the new samples).")
 @option("--out", type=click.Path(file_okay=False), default=None, help="Folder (default: RUN_DIR/samples/sample).")
 @friendly
-def sample_command(run_dir, n, class_index, span, steps, seed, checkpoint, device, out):
+def sample_command(run_dir, n, class_index, span, steps, seed, checkpoint, device, sets, out):
     """Write grids of new samples, reconstructions and capsule traversals of a trained run."""
     from capsgan_toolkit.api import load_trained
     from capsgan_toolkit.tools.sampling import write_samples
 
-    run = load_trained(run_dir, checkpoint=checkpoint, device=device)
+    run = load_trained(run_dir, checkpoint=checkpoint, sets=tuple(sets), device=device)
     folder = Path(out) if out else Path(run.run_dir) / "samples" / "sample"
     paths = write_samples(run, folder, n=n, class_index=class_index, span=span, steps=steps, seed=seed)
+    how = getattr(run.objective, "generation_description", None) if run.objective.has_generation else None
+    if how:
+        console.print(f"new samples: {how}", highlight=False)
     for path in paths:
         console.print(f"wrote {path}", highlight=False)
 

@@ -18,6 +18,7 @@ as one that is not.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from capsgan_toolkit.catalogue import (
     CATALOGUE,
     FEATURE_METRICS,
     KID_SUBSETS,
+    EvalSection,
     Metric,
     is_splits,
     kid_subset_size,
@@ -37,6 +39,7 @@ from capsgan_toolkit.catalogue import (
     result_key,
 )
 from capsgan_toolkit.data import batch_loader
+from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.evaluation.prior import ClassGaussianPrior, encode_for_prior
 from capsgan_toolkit.evaluation.scores import (
     cache_root,
@@ -132,6 +135,28 @@ def objective_name(objective, resolved: ResolvedRecipe | None = None) -> str:
     if not name and resolved is not None:
         name = getattr(getattr(resolved.recipe, "objective", None), "plugin", None)
     return name or type(objective).__name__
+
+
+def prepare_generation(objective, train_split, ev: EvalSection, *, device: torch.device, progress=None,
+                       name: str | None = None) -> None:
+    """Call ``objective.prepare_generation`` with the ``[eval]`` table's prior images, seed and batch size.
+
+    ``eval.prior`` and ``eval.prior_components`` (the latent prior chosen at evaluation) go along only
+    when set: an objective whose ``prepare_generation`` does not take them still works where they are
+    unset, and where they are set it is told so by name. ``capsgan eval``, periodic evaluation and
+    ``capsgan sample`` all prepare through here.
+    """
+    chosen = {key: value for key, value in (("prior", ev.prior), ("prior_components", ev.prior_components))
+              if value is not None}
+    if chosen:
+        params = inspect.signature(objective.prepare_generation).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and not set(chosen) <= set(params):
+            raise CapsganError(
+                f"eval.prior is {ev.prior!r}, but the {name or objective_name(objective)} objective's "
+                "prepare_generation takes no prior argument: it cannot draw new images from another prior. "
+                "Remove eval.prior (and eval.prior_components).")
+    objective.prepare_generation(train_split, limit=ev.prior_images, seed=ev.seed, batch_size=ev.batch_size,
+                                 device=device, progress=progress, **chosen)
 
 
 _SCORE_TEXT = {
@@ -246,8 +271,8 @@ class Evaluator:
                          "reconstructions")
 
         if gen:
-            self.objective.prepare_generation(self.dataset.split("train"), limit=ev.prior_images, seed=ev.seed,
-                                              batch_size=ev.batch_size, device=self.device, progress=self.progress)
+            prepare_generation(self.objective, self.dataset.split("train"), ev, device=self.device,
+                               progress=self.progress, name=self.name)
             fitted = getattr(self.objective, "fitted_classes", None) or range(self.dataset.info.num_classes)
             fitted = torch.as_tensor(list(fitted), dtype=torch.long)
             classes = fitted[torch.arange(n) % len(fitted)]

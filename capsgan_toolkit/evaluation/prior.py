@@ -27,16 +27,17 @@ generation path, ``objective.prior_adversarial_weight``).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
+from capsgan_toolkit.catalogue import PriorKind
 from capsgan_toolkit.data import batch_loader
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.progress import progress_task
 
-PRIOR_KINDS: tuple[str, ...] = ("gaussian", "true_slot", "mixture")
-"""The latent priors an objective may fit (``objective.prior`` of ``reconstruction_gan``)."""
+PRIOR_KINDS: tuple[str, ...] = get_args(PriorKind)
+"""The latent priors an objective may fit (``objective.prior`` of ``reconstruction_gan``, or ``eval.prior``)."""
 
 
 def _check_sampleable(counts: torch.Tensor, classes: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """Pictures of a trained model: new samples, reconstructions and capsule traversals.
 
-New samples come from the objective (the per-class Gaussian latent prior of :mod:`capsgan_toolkit.evaluation.prior`
-for the reconstruction GAN, noise for a DCGAN).
+New samples come from the objective (the latent prior of :mod:`capsgan_toolkit.evaluation.prior` for the
+reconstruction GAN: ``eval.prior`` where set, else the objective's own; noise for a DCGAN).
 A traversal takes two test images of a class, encodes them, and sweeps each of the D
 dimensions of the predicted capsule over ``[-span, span]`` around its value, one row
 per dimension and image, as Sabour et al. (2017) do to show what each capsule dimension encodes
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from capsgan_toolkit.errors import CapsganError
+from capsgan_toolkit.evaluation.evaluator import prepare_generation
 from capsgan_toolkit.evaluation.scores import fork_rng
 from capsgan_toolkit.rundir.reporting import save_class_rows, save_pairs, save_traversal
 
@@ -74,8 +75,7 @@ def write_samples(run, out_dir: str | Path, *, n: int = 64, class_index: int | N
     written = []
     with fork_rng(run.device):
         if obj.has_generation:
-            obj.prepare_generation(built.dataset.split("train"), limit=ev.prior_images, seed=ev.seed,
-                                   batch_size=ev.batch_size, device=run.device)
+            prepare_generation(obj, built.dataset.split("train"), ev, device=run.device)
             wanted = list(range(num_classes)) if class_index is None else [class_index]
             if obj.conditional:  # one labelled row per class, drawn from that class's prior (or noise)
                 fitted = set(getattr(obj, "fitted_classes", wanted))
