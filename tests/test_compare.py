@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from click.testing import CliRunner
 from helpers import TINY_RECIPE, write_toml
 from PIL import Image
 
+from capsgan_toolkit import catalogue
 from capsgan_toolkit.cli.compare import compare_command
-from capsgan_toolkit.compare import stats
+from capsgan_toolkit.compare import stats, untrained
 from capsgan_toolkit.compare.fairness import category, compare_recipes
 from capsgan_toolkit.compare.spec import CompareError, load_spec
 
@@ -30,6 +32,32 @@ ACC = {"dcgan": None, "capsule": [0.61, 0.64, 0.60], "cnn": [0.70, 0.69, 0.74]}
 ENCODER = {"dcgan": None, "capsule": "capsnet", "cnn": "cnn"}
 T975 = {1: 12.706204736174704, 2: 4.302652729749464, 3: 3.182446305284263, 4: 2.7764451051977987}
 """Student t 0.975 quantiles by degrees of freedom (published tables; scipy.stats.t.ppf agrees)."""
+
+
+REAL_MEASURE = untrained.measure
+"""The untrained generator's FID as the report measures it (the fixture below stands in for it)."""
+
+
+@pytest.fixture(autouse=True)
+def untrained_fid(monkeypatch):
+    """Stand in for the FID of the arms' generators untrained, and count the measurements.
+
+    ``stub.values``: the untrained FID by encoder plugin (``"dcgan"`` without one; an exception is raised),
+    default 1e6 (every fabricated FID is below it); ``stub.calls``: (recipe, eval table) of each measurement.
+    """
+    stub = SimpleNamespace(values={}, calls=[])
+
+    def fake(recipe, eval_table, source, log):
+        stub.calls.append((recipe, eval_table))
+        value = stub.values.get((recipe.get("encoder") or {}).get("plugin", "dcgan"), 1e6)
+        if isinstance(value, Exception):
+            raise value
+        key = catalogue.result_key("gen_fid", count=eval_table["num_images"], split=eval_table["reference_split"],
+                                   label="domain")
+        return {"fid": {key: value}, "skipped": {}, "extractors": {}, "device": "cpu", "seconds": 0.0}
+
+    monkeypatch.setattr(untrained, "measure", fake)
+    return stub
 
 
 def fabricate(root: Path, arm: str, seed: int, *, fid: float, acc: float | None, encoder: str | None,
@@ -695,6 +723,133 @@ def test_reconstruction_floor_is_the_mean_image_of_the_scored_images(tmp_path):
     assert bad["seed"] == 1 and bad["metric"] == "rec_mse32_test"
     page = (out / "compare.html").read_text()
     assert "<li><b>capsule</b>: real test images in rows 1, 3, 5, ...; each row below them" in page
+
+
+FID100 = "gen_fid100_test_domain"
+
+
+def test_fid_floor_is_the_same_generator_untrained(tmp_path, untrained_fid):
+    # The stand-in: the capsule generator untrained scores 27, the CNN's 26. The CNN's seed 1 (29.5) is no better
+    # than its untrained generator: the CNN did not learn, though its FID is lower than the capsule's on seeds 0, 2.
+    untrained_fid.values.update(capsnet=27.0, cnn=26.0)
+    dirs = _arms(tmp_path / "runs", {"capsule": {"fid": [25.0, 26.0, 26.9], "acc": [0.61, 0.64, 0.60], "encoder": "capsnet"},
+                                     "cnn": {"fid": [20.0, 29.5, 19.0], "acc": [0.70, 0.69, 0.74], "encoder": "cnn"}})
+    result, out = _compare(tmp_path, dirs)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    floors = report["floors"]
+    assert {a: s["status"] for a, s in floors["arms"].items()} == {"capsule": "learned", "cnn": "did not learn"}
+    fid_checks = {(a, c["seed"]): c for a, s in floors["arms"].items() for c in s["checks"] if c["floor"] == "gen_fid"}
+    assert {k: c["passed"] for k, c in fid_checks.items()} == {
+        ("capsule", 0): True, ("capsule", 1): True, ("capsule", 2): True,
+        ("cnn", 0): True, ("cnn", 1): False, ("cnn", 2): True}
+    assert fid_checks["cnn", 1]["threshold"] == 26.0 and fid_checks["capsule", 2]["threshold"] == 27.0
+    assert fid_checks["cnn", 1]["rule"] == "< untrained generator's FID 26 (seed 0)"
+    assert floors["untrained_fid"]["cnn"]["fid"] == {FID100: 26.0} and floors["untrained_fid"]["cnn"]["seed"] == 0
+    assert report["holm"]["excluded"] == ["cnn"]
+    fid = next(m for m in report["metrics"] if m["name"] == FID100)["contrasts"]["capsule vs cnn"]
+    assert fid["verdict"] == "cnn did not learn at this budget: no verdict" and fid["p_holm"] is None
+    md = (out / "compare.md").read_text()
+    assert "cnn did not learn at this budget (seed 1: gen_fid100_test_domain 29.5, needs < 26)" in md
+    assert "- gen_fid: FID of new images below the FID of the same recipe's generator untrained" in md
+    assert "cnn did not learn at this budget" in result.output
+    assert "Measuring the FID of capsule's generator untrained (seed 0)" in result.output
+    # Equal to the untrained FID is not below it.
+    untrained_fid.values.update(cnn=29.5)
+    (out / untrained.CACHE_FILE).unlink()
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    floors = json.loads((out / "compare.json").read_text())["floors"]
+    assert floors["arms"]["cnn"]["status"] == "did not learn"
+    assert [c["passed"] for c in floors["arms"]["cnn"]["checks"] if c["floor"] == "gen_fid"] == [True, False, True]
+
+
+def test_untrained_fid_is_measured_once_per_protocol_and_reused(tmp_path, untrained_fid):
+    untrained_fid.values.update(capsnet=40.0, cnn=41.0)
+    spec = {"capsule": {"fid": [25.0, 28.0, 26.5], "acc": [0.6] * 3, "encoder": "capsnet"},
+            "cnn": {"fid": [27.0, 30.5, 28.0], "acc": [0.7, 0.72, 0.71], "encoder": "cnn"}}
+    dirs = _arms(tmp_path / "runs", spec)
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 0, result.output
+    # One measurement per arm (its recipes differ in [encoder]), not per seed: with the lowest seed.
+    assert len(untrained_fid.calls) == 2 and all(r["run"]["seed"] == 0 for r, _ in untrained_fid.calls)
+    kept = json.loads((out / untrained.CACHE_FILE).read_text())["entries"]
+    assert sorted(e["fid"][FID100] for e in kept.values()) == [40.0, 41.0]
+    first = json.loads((out / "compare.json").read_text())["floors"]
+    assert {a: u["reused"] for a, u in first["untrained_fid"].items()} == {"capsule": False, "cnn": False}
+    # The report again: nothing measured, the kept numbers give the same floors.
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len(untrained_fid.calls) == 2
+    again = json.loads((out / "compare.json").read_text())["floors"]
+    assert {a: u["reused"] for a, u in again["untrained_fid"].items()} == {"capsule": True, "cnn": True}
+    assert again["arms"] == first["arms"]
+    # Another protocol (200 images) is another reference: measured once more per arm, the first ones kept.
+    table = {**EVAL_TABLE, "num_images": 200}
+    dirs = _arms(tmp_path / "runs200", spec, eval_table=table)
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len(untrained_fid.calls) == 4 and {t["num_images"] for _, t in untrained_fid.calls[2:]} == {200}
+    assert len(json.loads((out / untrained.CACHE_FILE).read_text())["entries"]) == 4
+
+
+def test_untrained_fid_key_ignores_training_only_keys():
+    recipe = copy.deepcopy(TINY_RECIPE)
+    key, what = untrained.key_of(recipe, EVAL_TABLE)
+    assert "run.seed" not in what["recipe"] and "generator.base_channels" in what["recipe"]
+    same = copy.deepcopy(recipe)
+    same["run"].update(seed=7, name="other", epochs=50, max_steps=9)
+    same["optim"]["encoder_generator"]["lr"] = 0.5
+    same["losses"]["generator_weight"] = 0.01
+    same["augment"] = {"flip": True}
+    assert untrained.key_of(same, {**EVAL_TABLE, "batch_size": 7, "metrics": ["acc"], "every_epochs": 3})[0] == key
+    for change in (lambda r, t: r["generator"].update(base_channels=16), lambda r, t: r["encoder"].update(plugin="capsnet"),
+                   lambda r, t: r["data"].update(num_train=128), lambda r, t: r.update(augment={"crop": 24}),
+                   lambda r, t: t.update(num_images=200), lambda r, t: t.update(seed=1),
+                   lambda r, t: t.update(features={"domain": {"plugin": "domain_classifier", "epochs": 1}})):
+        other, table = copy.deepcopy(recipe), copy.deepcopy(EVAL_TABLE)
+        change(other, table)
+        assert untrained.key_of(other, table)[0] != key
+
+
+def test_an_unmeasurable_untrained_fid_is_not_checked_and_not_kept(tmp_path, untrained_fid):
+    from capsgan_toolkit.errors import CapsganError
+
+    untrained_fid.values.update(capsnet=CapsganError("the data are not here"), cnn=26.0)
+    dirs = _arms(tmp_path / "runs", {"capsule": {"fid": [25.0, 28.0, 26.5], "acc": [0.6] * 3, "encoder": "capsnet"},
+                                     "cnn": {"fid": [20.0, 21.0, 19.5], "acc": [0.7] * 3, "encoder": "cnn"}})
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 0, result.output
+    floors = json.loads((out / "compare.json").read_text())["floors"]
+    checks = [c for c in floors["arms"]["capsule"]["checks"] if c["floor"] == "gen_fid"]
+    assert [c["passed"] for c in checks] == [None] * 3
+    assert checks[0]["rule"].startswith("not checked: the untrained generator's FID could not be measured from ")
+    assert "the data are not here" in checks[0]["rule"]
+    assert floors["arms"]["capsule"]["status"] == "learned"  # the accuracy floor still applies
+    assert len(json.loads((out / untrained.CACHE_FILE).read_text())["entries"]) == 1  # the CNN's only
+    untrained_fid.values.update(capsnet=27.0)  # the data are back: measured now
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    floors = json.loads((out / "compare.json").read_text())["floors"]
+    assert [c["passed"] for c in floors["arms"]["capsule"]["checks"] if c["floor"] == "gen_fid"] == [True, False, True]
+    assert len(untrained_fid.calls) == 3
+
+
+def test_untrained_fid_is_measured_from_the_recipe_without_touching_the_callers_state(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("CAPSGAN_CACHE", str(tmp_path / "cache"))
+    table = {"metrics": ["acc"], "num_images": 32, "prior_images": 64,
+             "features": {"domain": {"plugin": "domain_classifier", "epochs": 1, "channels": 4, "feature_dim": 8}}}
+    torch.manual_seed(123)
+    threads = torch.get_num_threads()
+    recipe = copy.deepcopy(TINY_RECIPE) | {"run": {**TINY_RECIPE["run"], "threads": 1, "seed": 3}}
+    got = REAL_MEASURE(recipe, table, "tiny", None)
+    assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(123)).item()
+    assert torch.get_num_threads() == threads
+    (key, value), = got["fid"].items()
+    assert key == "gen_fid32_test_domain" and math.isfinite(value) and value > 0
+    assert REAL_MEASURE(recipe, table, "tiny", None)["fid"] == got["fid"]  # the seed fixes the untrained weights
+    recipe["run"]["seed"] = 4
+    assert REAL_MEASURE(recipe, table, "tiny", None)["fid"][key] != value
 
 
 def test_unequal_steps_are_refused_unless_allowed(tmp_path):

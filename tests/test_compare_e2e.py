@@ -72,8 +72,13 @@ def test_compare_trains_reports_reuses_and_resumes(tmp_path, monkeypatch):
     assert [(c["a"], c["b"], c["question"]) for c in report["contrasts"]] == [("cnn", "dcgan", False)]
     floors = report["floors"]
     assert floors["data"]["num_classes"] == 10 and floors["data"]["mean_image_mse"]["rec_mse32_test"] > 0
-    assert {c["floor"] for c in floors["arms"]["cnn"]["checks"]} == {"acc", "gen_condacc", "rec_mse"}
+    assert {c["floor"] for c in floors["arms"]["cnn"]["checks"]} == {"acc", "gen_condacc", "rec_mse", "gen_fid"}
     assert all(c["passed"] is not None for s in floors["arms"].values() for c in s["checks"])
+    # The untrained generators' FIDs: measured once per arm (seed 0) and kept for the next report.
+    assert {a: (u["seed"], u["reused"]) for a, u in floors["untrained_fid"].items()} == {
+        "dcgan": (0, False), "cnn": (0, False)}
+    assert all(u["fid"]["gen_fid32_test_domain"] > 0 for u in floors["untrained_fid"].values())
+    assert len(json.loads((out / "untrained_fid.json").read_text())["entries"]) == 2
     assert floors["arms"]["dcgan"]["status"] in ("learned", "did not learn")
     md = (out / "compare.md").read_text()
     assert next(line for line in md.splitlines() if line.startswith("## ")) == "## Headline"
@@ -87,7 +92,9 @@ def test_compare_trains_reports_reuses_and_resumes(tmp_path, monkeypatch):
     evals = {key: rd.eval_file.stat().st_mtime_ns for key, rd in runs.items()}
     result = CliRunner().invoke(compare_command, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "4 done, 0 to do" in result.output
+    assert "4 done, 0 to do" in result.output and "Measuring the FID" not in result.output
+    again = json.loads((out / "compare.json").read_text())["floors"]
+    assert all(u["reused"] for u in again["untrained_fid"].values()) and again["arms"] == floors["arms"]
     assert stamps == {key: (rd.checkpoints_dir / "final.pt").stat().st_mtime_ns for key, rd in runs.items()}
     assert evals == {key: rd.eval_file.stat().st_mtime_ns for key, rd in runs.items()}
 

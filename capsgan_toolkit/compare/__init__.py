@@ -9,7 +9,9 @@ The modules, from the bottom up:
   differ, and which are refused;
 - :mod:`.collect`: read run folders into per-run records (numbers, curves, pictures);
 - :mod:`.contrasts`: the pairs of arms compared, the question (capsule vs CNN encoder) first;
-- :mod:`.floors`: did each arm learn (above chance, better than the mean image) before it is compared;
+- :mod:`.floors`: did each arm learn (above chance, better than the mean image, FID below its generator
+  untrained) before it is compared;
+- :mod:`.untrained`: the FID of each arm's generator untrained, measured once per protocol and kept;
 - :mod:`.probe_section`: the spatial-structure probe's numbers per arm (when the runs were probed);
 - :mod:`.headline`: the answer per contrast and key metric, in plain words;
 - :mod:`.report`: the comparison (``compare.json``), ``compare.md`` and the terminal output;

@@ -18,11 +18,15 @@ errors of a proportion at chance over the images it was measured on, whichever i
 scored (n = 32, K = 10: 0.159), 0.05 keeps "barely above chance" from counting as learning
 when many are (n = 10,000: 0.009).
 
+- **FID below the same generator untrained**: each ``gen_fid`` below the FID of the run's recipe's
+  generator at initialisation (built with the seed, no training step), scored with the same
+  ``[eval]`` protocol (:mod:`.untrained`: measured once per recipe and protocol, not per seed, and
+  kept in the comparison folder's ``untrained_fid.json``).
+
 K and the mean image come from the data set, built from the run's (resolved) recipe's ``[data]``
 (and ``[augment]`` crop) as training built it, once per data table. Where that fails (the
-data are not on this machine) the floors that need it are "not checked", with the reason.
-Not measured: FID against the same generator untrained (it needs a generation and a feature
-pass per protocol; the report says so).
+data are not on this machine) the floors that need it are "not checked", with the reason; so
+is the FID floor where the untrained generator could not be measured.
 
 An arm with any run under a floor "did not learn at this budget": its numbers stay in every
 table, its contrasts get no verdict and leave the Holm family.
@@ -33,10 +37,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from capsgan_toolkit import catalogue
+from capsgan_toolkit.compare import untrained
 from capsgan_toolkit.compare.collect import RunRecord
 from capsgan_toolkit.errors import CapsganError
 
@@ -50,10 +57,13 @@ RULES = {
                    "n the images it was measured on",
     "acc": "encoder accuracy above chance: > 1/K + max(0.05, 3 x sqrt((1/K)(1 - 1/K) / n)) (test_acc: n unknown, + 0.05)",
     "rec_mse": "reconstruction MSE below the MSE of predicting the reference split's mean image on the same images",
+    "gen_fid": "FID of new images below the FID of the same recipe's generator untrained (built with the arm's lowest "
+               "seed, no training step; for an encoder's prior, fitted on the untrained encoder's latents), scored "
+               "with the same protocol (extractor, images, split, seeds); measured once per protocol, kept in "
+               f"{untrained.CACHE_FILE}",
 }
-NOT_MEASURED = ("FID below that of the same generator untrained: not measured (it needs a generation and a feature "
-                "pass per protocol), so an arm whose FID is no better than an untrained generator's is caught only by "
-                "the other floors")
+LOWER_IS_BETTER = ("rec_mse", "gen_fid")
+"""Floors a run must stay under (the others it must clear)."""
 DID_NOT_LEARN = "did not learn at this budget"
 
 
@@ -64,6 +74,7 @@ class DataReference:
     num_classes: int | None = None
     mean_image_mse: dict[str, float] = field(default_factory=dict)
     problem: str | None = None  # why the data could not be read, when they could not
+    untrained: untrained.Reference | None = None  # the FID of the generator untrained (runs with a gen_fid)
 
 
 class _Data:
@@ -124,8 +135,13 @@ def _stem(key: str) -> str:
     return parsed.key.stem if parsed is not None else key
 
 
-def references(arms: dict[str, list[RunRecord]]) -> dict[tuple[str, int], DataReference]:
-    """Return each run's :class:`DataReference`, building each distinct data table once."""
+def references(arms: dict[str, list[RunRecord]], cache_dir: Path | None = None,
+               log: Callable[[str], None] | None = None) -> dict[tuple[str, int], DataReference]:
+    """Return each run's :class:`DataReference`, building each distinct data table once.
+
+    The untrained generators' FIDs come from :func:`.untrained.references`, kept in ``cache_dir``
+    (the comparison folder; ``None``: measured, not kept); ``log(text)`` shows that work.
+    """
     built: dict[str, _Data | str] = {}
     out: dict[tuple[str, int], DataReference] = {}
     for arm, runs in arms.items():
@@ -155,6 +171,8 @@ def references(arms: dict[str, list[RunRecord]]) -> dict[tuple[str, int], DataRe
             except (CapsganError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
                 ref.problem = f"the data's mean image could not be computed ({exc})"
             out[arm, rec.seed] = ref
+    for run, reference in untrained.references(arms, cache_dir, log).items():
+        out[run].untrained = reference
     return out
 
 
@@ -200,18 +218,28 @@ def check_run(rec: RunRecord, ref: DataReference) -> list[dict[str, Any]]:
             add("rec_mse", name, None, None, f"not checked: {ref.problem or 'no mean image for these images'}")
             continue
         add("rec_mse", name, reference, values[name] < reference, f"< mean image's MSE {reference:.4g}")
+    for name in _pick(names, "gen_fid", ""):
+        base = ref.untrained or untrained.Reference(problem="the untrained generator was not measured")
+        if name not in base.fid:
+            add("gen_fid", name, None, None, f"not checked: {base.why_missing(name)}")
+            continue
+        add("gen_fid", name, base.fid[name], values[name] < base.fid[name],
+            f"< untrained generator's FID {base.fid[name]:.4g} (seed {base.seed})")
     return checks
 
 
-def check(arms: dict[str, list[RunRecord]], refs: dict[tuple[str, int], DataReference] | None = None) -> dict:
+def check(arms: dict[str, list[RunRecord]], refs: dict[tuple[str, int], DataReference] | None = None, *,
+          cache_dir: Path | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Check every run; return compare.json's ``floors``: the rules, the data's numbers and each arm's status.
 
     An arm's status: "learned" (every check passed), "did not learn" (a run is under a floor) or
     "not checked" (no floor could be applied: no such metric measured, or the data unavailable).
+    ``refs``: what :func:`references` would read (given: nothing is read or measured); ``cache_dir``
+    and ``log`` go to it.
     """
-    refs = references(arms) if refs is None else refs
+    refs = references(arms, cache_dir, log) if refs is None else refs
     out: dict[str, Any] = {"rules": RULES, "margin": {"least": CHANCE_MARGIN, "standard_errors": CHANCE_SE},
-                           "not_measured": NOT_MEASURED, "data": None, "arms": {}}
+                           "data": None, "untrained_fid": _untrained_table(arms, refs), "arms": {}}
     for arm, runs in arms.items():
         checks = [c for rec in runs for c in check_run(rec, refs.get((arm, rec.seed), DataReference(
             problem="no data reference")))]
@@ -228,9 +256,20 @@ def check(arms: dict[str, list[RunRecord]], refs: dict[tuple[str, int], DataRefe
     return out
 
 
+def _untrained_table(arms: dict[str, list[RunRecord]], refs: dict[tuple[str, int], DataReference]) -> dict:
+    """compare.json's ``floors.untrained_fid``: per arm, the untrained reference its runs were held to."""
+    out: dict[str, Any] = {}
+    for arm, runs in arms.items():
+        found = [r.untrained for rec in runs if (r := refs.get((arm, rec.seed))) is not None and r.untrained]
+        if found:
+            u = found[0]
+            out[arm] = {"fid": u.fid, "seed": u.seed, "key": u.key, "reused": u.reused, "problem": u.problem}
+    return out
+
+
 def describe(c: dict[str, Any]) -> str:
     """One failed (or passed) check in words: ``seed 1: gen_condacc500_domain 0.102, needs > 0.15``."""
-    op = "<" if c["floor"] == "rec_mse" else ">"
+    op = "<" if c["floor"] in LOWER_IS_BETTER else ">"
     need = f"needs {op} {c['threshold']:.3g}" if c["threshold"] is not None else c["rule"]
     return f"seed {c['seed']}: {c['metric']} {c['value']:.3g}, {need}"
 

@@ -356,7 +356,7 @@ Every difference below may come from it.</div>{% endfor %}
 <h2 id="floors">Did every arm learn?</h2>
 <p>Each run against these floors; an arm with a run under one <span class="not-learned">did not learn at this budget</span>
 and gets no verdict (its numbers stay in every table).</p>
-<ul>{% for k, v in r.floors.rules.items() %}<li><b>{{ k }}</b>: {{ v }}</li>{% endfor %}<li>{{ r.floors.not_measured }}</li></ul>
+<ul>{% for k, v in r.floors.rules.items() %}<li><b>{{ k }}</b>: {{ v }}</li>{% endfor %}</ul>
 <table><tr><th>arm</th><th>metric</th><th>values by seed</th><th>floor</th><th>result</th></tr>
 {% for row in floor_rows %}<tr{% if row.result.startswith("under the floor") %} class="not-learned"{% endif %}><td{% if row.status == "did not learn" %} class="not-learned"{% endif %}>{{ row.arm }}{% if row.status == "did not learn" %}: did not learn at this budget{% endif %}</td>
 <td><code>{{ row.metric }}</code></td><td>{{ row["values"] }}</td><td>{{ row.floor }}</td><td class="floor-result">{{ row.result }}</td></tr>{% endfor %}
