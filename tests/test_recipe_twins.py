@@ -20,6 +20,7 @@ TWINS = [
     ("capsgan_mnist.toml", "cnngan_mnist.toml"),
     ("capsgan_cifar.toml", "cnngan_cifar.toml"),
     ("capsgan_fashion_mnist.toml", "cnngan_fashion_mnist.toml"),
+    ("capsgan_fashion_mnist_improved.toml", "cnngan_fashion_mnist_improved.toml"),
 ]
 
 ALLOWED = {"run.name"}  # the run folder's name; [encoder] is meant to differ
