@@ -67,12 +67,15 @@ GOOD_PLUGIN = """
 
 
 def test_builtins_register_through_entry_points(plugins):
+    # Third-party capsgan plugins installed beside the toolkit add components of their own: only the
+    # toolkit's own entry points are checked here (a researcher's venv must not fail this test).
+    builtin = [c for c in plugins.registry.components() if "capsgan-toolkit" in plugins.sources.get(c.source, "")]
+    families = {c.family for c in builtin}
     for family in ("encoder", "generator", "discriminator", "gate", "dataset"):
-        assert plugins.registry.list(family), f"no built-in {family}"
-    assert all(plugins.registry.list(f) for f in plugins.registry.families if "loss" in f)
-    sources = {c.source for c in plugins.registry.components()}
-    assert all(s.startswith("builtin_") for s in sources)
-    assert all("capsgan-toolkit" in plugins.sources[s] for s in sources)
+        assert family in families, f"no built-in {family}"
+    assert all(f in families for f in plugins.registry.families if "loss" in f)
+    assert {c.source for c in builtin} and all(c.source.startswith("builtin_") for c in builtin)
+    assert {c.name for c in builtin} >= {"capsnet", "cnn", "dcgan", "glyphs", "margin", "mse", "minimax"}
 
 
 def test_third_party_entry_point_plugin_is_loaded(tmp_path, monkeypatch):

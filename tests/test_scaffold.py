@@ -69,13 +69,17 @@ def test_generated_encoder_meets_the_contract_and_its_recipe_trains(tmp_path, im
     module = importable(folder, "capsgan_vit_tiny")
     kit.check_encoder(module.VitTinyEncoder, TEST_PARAMS["encoder"])
     recipe = folder / "recipes" / "vit_tiny_quickstart.toml"
-    sets = [arg for s in ['run.plugins=["capsgan_vit_tiny"]', *FAST] for arg in ("--set", s)]
+    sets = [arg for s in ['run.plugins=["capsgan_vit_tiny"]', *FAST, "run.log_every=1"] for arg in ("--set", s)]
     result = invoke("run", recipe, "--out", tmp_path / "run", "--quiet", *sets)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
     saved = tomllib.loads((tmp_path / "run" / "recipe.toml").read_text())
     assert saved["encoder"]["plugin"] == "vit_tiny" and saved["encoder"]["channels"] == 16
+    # The template's diagnostic stays on the device in forward and still reaches the log as a number.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lengths = [r["capsule_len"] for r in rows if "capsule_len" in r]
+    assert lengths and all(isinstance(v, float) and 0.0 <= v < 1.0 for v in lengths)
 
 
 _BASES = {"encoder": EncoderParams, "dataset": DatasetParams}

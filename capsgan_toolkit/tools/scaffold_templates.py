@@ -54,9 +54,16 @@ class __CLASS__(Encoder):
         check_image_batch('Encoder "__NAME__"', images, self.image_shape)
         s = self.head(self.features(images).flatten(1)).view(-1, self.num_classes, self.capsule_dim)
         capsules = squash(s)  # lengths in [0, 1)
-        # Logged as a metrics.jsonl column: plain Python floats only.
-        self.diagnostics["capsule_len"] = float(self.class_scores(capsules.detach()).amax(1).mean())
+        # A metrics.jsonl column, kept on the device: float(...) here would make every GPU step wait
+        # for the device (and cannot be captured by speed.cuda_graphs). The trainer reads it through
+        # device_diagnostics() and converts it when it logs.
+        self._capsule_len = self.class_scores(capsules.detach()).amax(1).mean()
         return capsules
+
+    def device_diagnostics(self) -> dict[str, torch.Tensor]:
+        """Diagnostics of the last forward pass as 0-d device tensors (``diagnostics`` holds floats)."""
+        value = self.__dict__.get("_capsule_len")
+        return {} if value is None else {"capsule_len": value}
 ''' + _REGISTER
 
 GENERATOR = '''from typing import Sequence
