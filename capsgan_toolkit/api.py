@@ -9,6 +9,7 @@ The CLI and ``capsgan compare`` call these functions; a script can too::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -100,7 +101,7 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         sets: ``key.path=value`` overrides.
         resume: continue the run in ``out`` if it holds one (exactly, from its newest
             checkpoint); a finished run is returned as it is; a folder without a run starts one.
-        overwrite: delete an existing run folder first.
+        overwrite: delete an existing run folder first (only a run folder no other process writes).
         console: a rich console for progress (``None``: quiet).
         strict_plugins: see :func:`load_recipe`.
         loaded: what :func:`load_recipe` returned for ``recipe`` and ``sets`` (without ``warn``), when the
@@ -122,6 +123,7 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         recipe_in = _RecipeFile.read(path, sets)
     device = recipe_in.device if isinstance(recipe_in, _RecipeFile) else recipe_in[1].recipe.run.device
     dist = distributed.setup(device)  # torchrun: join the process group (else nothing)
+    held = contextlib.ExitStack()  # the run folder's lock (rank 0), released when training ends
     try:
         console = console if dist.is_main else None
         warn = None if console is None else (lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False))
@@ -131,9 +133,9 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
             plugins, resolved = recipe_in
             _report_plugins(plugins, warn)
         if resumed is not None:
-            trainer = _resume(resumed, plugins, resolved, console=console, dist=dist)
+            trainer = _resume(resumed, plugins, resolved, console=console, dist=dist, held=held)
         else:
-            trainer = _start(out, plugins, resolved, overwrite=overwrite, console=console, dist=dist)
+            trainer = _start(out, plugins, resolved, overwrite=overwrite, console=console, dist=dist, held=held)
         if console is not None:
             r = resolved.recipe
             parts = ", ".join(f"{k} {getattr(r, k).plugin}" for k in ("encoder", "generator", "discriminator")
@@ -148,13 +150,20 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         dist.barrier()
         return summary
     finally:
+        held.close()
         distributed.teardown()
 
 
-def _resume(rd: RunDir, plugins: PluginSet, resolved: ResolvedRecipe, *, console, dist) -> Trainer:
-    """Return the trainer that continues the run in ``rd`` with ``resolved`` (refused if it breaks the run)."""
+def _resume(rd: RunDir, plugins: PluginSet, resolved: ResolvedRecipe, *, console, dist,
+            held: contextlib.ExitStack) -> Trainer:
+    """Return the trainer that continues the run in ``rd`` with ``resolved`` (refused if it breaks the run).
+
+    Rank 0 takes the folder's lock first (into ``held``): a second writer is refused before anything changes.
+    """
     from capsgan_toolkit.training.trainer import Trainer
 
+    if dist.is_main:
+        held.enter_context(rd.lock("training (resumed)"))
     checkpoint_path = rd.resume_checkpoint()
     state = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None  # read once
     changes = breaking_changes(state["recipe"], resolved.to_dict()) if state is not None else []
@@ -173,8 +182,11 @@ def _resume(rd: RunDir, plugins: PluginSet, resolved: ResolvedRecipe, *, console
 
 
 def _start(out: str | Path | None, plugins: PluginSet, resolved: ResolvedRecipe, *, overwrite: bool, console,
-           dist) -> Trainer:
-    """Return the trainer of a new run of ``resolved`` in ``out`` (default: ``runs/<run.name>``)."""
+           dist, held: contextlib.ExitStack) -> Trainer:
+    """Return the trainer of a new run of ``resolved`` in ``out`` (default: ``runs/<run.name>``).
+
+    Rank 0 makes the folder and keeps its lock (in ``held``) until training ends.
+    """
     from capsgan_toolkit.training.trainer import Trainer
 
     if not dist.is_main:
@@ -183,6 +195,7 @@ def _start(out: str | Path | None, plugins: PluginSet, resolved: ResolvedRecipe,
     path = Path(out) if out else RunDir.default_path(resolved)
     if dist.is_main:
         rd = RunDir.create(path, overwrite=overwrite)
+        held.callback(rd.unlock)
         rd.write_recipe(resolved)
         dist.barrier()
     else:
@@ -280,7 +293,20 @@ def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict
 def evaluate(run_dir, *, checkpoint: str | None = None, metrics: list[str] | None = None,
              num_images: int | None = None, sets=(), device: str | None = None, inception_weights: str | None = None,
              out: str | Path | None = None, console=None) -> dict[str, Any]:
-    """Evaluate a trained run with its recipe's ``[eval]`` protocol (or the overrides); write and return eval.json."""
+    """Evaluate a trained run with its recipe's ``[eval]`` protocol (or the overrides); write and return eval.json.
+
+    Writing into the run folder (no ``out``), it holds the folder's lock throughout: refused at once
+    while another process writes the folder.
+    """
+    with contextlib.ExitStack() as held:
+        if out is None and Path(run_dir).is_dir():  # a missing folder: load_trained says so
+            held.enter_context(RunDir(run_dir).lock("evaluating"))
+        return _evaluate(run_dir, checkpoint=checkpoint, metrics=metrics, num_images=num_images, sets=sets,
+                         device=device, inception_weights=inception_weights, out=out, console=console)
+
+
+def _evaluate(run_dir, *, checkpoint, metrics, num_images, sets, device, inception_weights, out,
+              console) -> dict[str, Any]:
     from capsgan_toolkit.evaluation.evaluator import preflight
 
     overrides: dict[str, Any] = {}

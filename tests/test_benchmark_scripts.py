@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,8 @@ def test_decoder_steps_trains_and_draws_its_picture(tmp_path, decoder):
     found = re.search(r"test MSE (\d+\.\d+), SSIM (-?\d+\.\d+) on 40 images", out)
     mse, ssim = float(found.group(1)), float(found.group(2))
     assert 0.0 < mse < 1.0 and -1.0 <= ssim <= 1.0  # [0, 1] pixel units
-    assert f"decoder {decoder}, MSE + classification, 3 steps of 32" in out
+    batch = tomllib.loads((ROOT / "recipes" / "quickstart.toml").read_text(encoding="utf-8"))["data"]["batch_size"]
+    assert f"decoder {decoder}, MSE + classification, 3 steps of {batch}" in out
     assert picture.stat().st_size > 0 and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -102,6 +102,38 @@ def test_two_ranks_stay_identical_and_match_one_process_with_the_same_global_bat
     assert not list((tmp_path / "two").glob("*rank1*"))
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux: from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _wait_for_lock_free(folder, timeout: float = 30.0) -> None:
+    from capsgan_toolkit.errors import RunFolderError
+    from capsgan_toolkit.rundir.lock import RunLock
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            RunLock(folder, "test").acquire().release()
+            return
+        except RunFolderError:
+            assert time.monotonic() < deadline, f"{folder} still locked {timeout} s after its job was killed"
+            time.sleep(0.1)
+
+
 def test_a_killed_or_stopped_two_process_run_resumes_exactly(tmp_path):
     recipe = gan_recipe(tmp_path, batch_size=4, epochs=4, steps_per_epoch=3)
     straight = torchrun("-m", "capsgan_toolkit", "run", recipe, "--out", tmp_path / "straight")
@@ -115,8 +147,15 @@ def test_a_killed_or_stopped_two_process_run_resumes_exactly(tmp_path):
     while not list((killed_dir / "checkpoints").glob("step_*.pt")) and proc.poll() is None:
         assert time.monotonic() < deadline, "no periodic checkpoint appeared"
         time.sleep(0.05)
+    job = _descendants(proc.pid)  # torchrun's workers need not share its process group
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies at once, as when a node is lost
+    for pid in job:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    _wait_for_lock_free(killed_dir)  # the kernel releases the run folder's lock as the workers end
     assert not (killed_dir / "checkpoints" / "final.pt").exists(), "the run finished before it was killed"
 
     # One process refuses the checkpoint (the global batch would change), and loses nothing.

@@ -207,7 +207,7 @@ def run(recipe, out, sets, resume, overwrite, quiet, strict_plugins):
                 raise CapsganError("--resume latest needs the RECIPE whose latest run to continue.")
             loaded = api.load_recipe(recipe, sets, strict_plugins=strict_plugins)  # warnings: shown by api.train
             resume = str(RunDir.default_path(loaded[1]))
-        RunDir(resume).resume_checkpoint()  # refuses a folder that holds no run
+        RunDir(resume).check_resumable()  # refuses a folder that holds no run (changes nothing: no lock yet)
         summary = api.train(recipe, out=resume, sets=sets, resume=True, console=out_console,
                             strict_plugins=strict_plugins, loaded=loaded)
         out = resume

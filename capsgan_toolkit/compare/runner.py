@@ -41,7 +41,9 @@ from capsgan_toolkit.compare.collect import (
     read_run,
 )
 from capsgan_toolkit.compare.fairness import Fairness, compare_recipes
+from capsgan_toolkit.compare.lifeline import Terminated, child_options, stop_on_termination
 from capsgan_toolkit.compare.spec import ArmSpec, CompareError, LoadedSpec
+from capsgan_toolkit.errors import Interrupted
 from capsgan_toolkit.progress import rich_bars
 from capsgan_toolkit.recipe.diff import RERUN_IGNORED, recipe_diff
 from capsgan_toolkit.rundir.folder import RunDir
@@ -295,9 +297,10 @@ class Runner:
             with open(log, "a", encoding="utf-8") as fh, self._lock:
                 # Its own session: a Ctrl-C reaches this process only, which passes one SIGINT on,
                 # so each worker checkpoints and stops (a second SIGINT would make it stop at once).
+                # It dies with this process however this one ends (lifeline: SIGTERM on the parent's death).
+                options = child_options()
                 proc = subprocess.Popen([sys.executable, "-m", "capsgan_toolkit.compare.worker", json.dumps(steps)],
-                                        stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                        start_new_session=True)
+                                        stdout=fh, stderr=subprocess.STDOUT, **{**options, "env": {**options["env"], **env}})
                 self._running[job.name] = proc
             progress.update(task, description="running " + ", ".join(sorted(self._running)))
             code = proc.wait()
@@ -326,7 +329,7 @@ class Runner:
         failures = []
         pool = ThreadPoolExecutor(max_workers=self.jobs)
         try:
-            with self._progress() as progress:
+            with stop_on_termination(), self._progress() as progress:
                 task = progress.add_task(f"{self.jobs} at once", total=len(todo))
                 futures = [pool.submit(self._worker, job, state, devices, progress, task) for job, state, _ in todo]
                 for future in as_completed(futures):
@@ -337,9 +340,13 @@ class Runner:
                     else:
                         failures.append((job, code, log))
                         self._say(f"  [red]{job.name} failed[/] (exit {code}); see {log}")
-        except BaseException:  # Ctrl-C: stop the running workers cleanly, start no new one
+        except BaseException as exc:  # Ctrl-C, SIGTERM, SIGHUP: stop the running workers cleanly, start no new one
             self._stop_workers()
             pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(exc, Terminated):
+                raise Interrupted(f"capsgan compare stopped by {signal.Signals(exc.signum).name}: every worker "
+                                  "checkpointed and stopped. Run the same command again to resume; finished runs "
+                                  "are kept.") from None
             raise
         pool.shutdown(wait=True)
         if failures:

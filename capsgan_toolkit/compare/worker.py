@@ -10,17 +10,25 @@ eval.json is missing or not from the desired protocol) or ``{"action": "probe", 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
 def main(argv: list[str]) -> int:
+    from capsgan_toolkit.compare.lifeline import hold_on_to_parent
+
+    hold_on_to_parent()  # first, before the slow imports: SIGTERM when capsgan compare dies
     from capsgan_toolkit import api
     from capsgan_toolkit.compare.runner import needs_evaluation, needs_probe, probe_run
     from capsgan_toolkit.errors import CapsganError
     from capsgan_toolkit.rundir.folder import RunDir
+    from capsgan_toolkit.rundir.lock import describe_process
 
+    steps = json.loads(argv[0])
+    describe_process(f"a worker of capsgan compare (parent pid {os.getppid()}), {steps[0]['action']} "
+                     f"{steps[0].get('out') or steps[0].get('run_dir')}")
     try:
-        for step in json.loads(argv[0]):
+        for step in steps:
             if step["action"] == "train":
                 print(f"training {step['out']} (resume={step['resume']})", flush=True)
                 api.train(step["recipe"], out=step["out"], sets=step["sets"], resume=step["resume"])

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from capsgan_toolkit.catalogue import EvalSection, FeatureSpec
 from capsgan_toolkit.errors import RecipeError, RegistryError
@@ -54,7 +54,8 @@ class ComponentSpec(BaseModel):
 
 
 class RunSection(_Strict):
-    name: str = Field("run", description="Run name; the default run folder is runs/<name>.")
+    name: str = Field("run", description="Run name; the default run folder is runs/<name>: one plain folder name "
+                      "(no / or \\, not empty, not . or ..); --out writes elsewhere.")
     seed: int = Field(0, description="Seed for every random number generator.")
     epochs: int = Field(10, ge=1, description="Training epochs.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
@@ -82,6 +83,19 @@ class RunSection(_Strict):
     divergence: DivergenceSpec = Field(
         default_factory=DivergenceSpec, description="Watch for a loss spike or accuracy collapse (docs/training-stability.md)."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, name: str) -> str:
+        """One folder name inside runs/: a recipe from someone else must not aim --overwrite at another folder."""
+        bad = ("it is empty" if not name.strip() else "it is . or .." if name.strip() in (".", "..")
+               else "it holds a path separator (/ or \\)" if "/" in name or "\\" in name
+               else "it holds a NUL character" if "\0" in name
+               else "it is an absolute path" if Path(name).is_absolute() or Path(name).drive else None)
+        if bad:
+            raise ValueError(f"run.name must be one plain folder name (the run goes to runs/<run.name>), but {bad}. "
+                             "To write the run elsewhere, give the folder with --out")
+        return name
 
 
 class LossesSection(_Strict):

@@ -12,6 +12,7 @@ A run folder holds::
     traversal.png        capsule traversal picture (objectives with an encoder and a generator)
     samples/             sample grids per epoch (epoch_001.png, ...)
     checkpoints/         step_*.pt (periodic), best.pt, final.pt, interrupt.pt
+    .lock                held by the one process writing the folder (:mod:`capsgan_toolkit.rundir.lock`)
 
 It knows files, recipes and checkpoints, not models or metrics: evaluation and the commands
 import it, never the reverse. No other module builds a path inside a run folder by hand.
@@ -31,6 +32,10 @@ from capsgan_toolkit.recipe.diff import RESUMABLE, recipe_diff
 from capsgan_toolkit.recipe.schema import ResolvedRecipe
 from capsgan_toolkit.recipe.toml_io import dumps_toml
 from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.rundir.lock import LOCK_NAME, RunLock
+
+_RECIPE_HEADER = "# Resolved from "
+"""How a run folder's recipe.toml begins (:meth:`RunDir.write_recipe`)."""
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -65,6 +70,9 @@ class RunDir:
         self.traversal_file = self.path / "traversal.png"
         self.samples_dir = self.path / "samples"
         self.checkpoints_dir = self.path / "checkpoints"
+        self.lock_file = self.path / LOCK_NAME
+        self.held_lock: RunLock | None = None
+        """The lock :meth:`create` took (the caller releases it with :meth:`unlock`)."""
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -79,27 +87,93 @@ class RunDir:
         """Return ``runs/<run.name>``, where a run goes without ``--out``."""
         return Path("runs") / resolved.recipe.run.name
 
+    def lock(self, action: str) -> RunLock:
+        """Take this folder's writer lock and return it (release it, or use it as a context manager).
+
+        Raises:
+            RunFolderError: no such folder, or another process writes it (named in the message).
+        """
+        return RunLock(self.path, action).acquire()
+
+    def unlock(self) -> None:
+        """Release the lock :meth:`create` took (nothing when it holds none)."""
+        if self.held_lock is not None:
+            self.held_lock.release()
+            self.held_lock = None
+
+    def _entries(self) -> list[Path]:
+        """What the folder holds besides its lock file."""
+        return [p for p in self.path.iterdir() if p.name != LOCK_NAME] if self.path.is_dir() else []
+
+    def holds_run(self) -> bool:
+        """Whether the folder is one that ``create`` made: a checkpoints/ folder and a resolved recipe or a checkpoint.
+
+        Stricter than :meth:`is_run`: ``--overwrite`` deletes only such a folder.
+        """
+        if not self.checkpoints_dir.is_dir():
+            return False
+        if any(self.checkpoints_dir.glob("*.pt")):
+            return True
+        try:
+            with open(self.recipe_file, encoding="utf-8") as fh:
+                return fh.read(len(_RECIPE_HEADER)) == _RECIPE_HEADER
+        except OSError:
+            return False
+
     @classmethod
-    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDir:
-        """Create an empty run folder; refuse to reuse a non-empty one unless ``overwrite``."""
+    def create(cls, path: str | Path, *, overwrite: bool = False, action: str = "training") -> RunDir:
+        """Create an empty run folder and take its lock (held until :meth:`unlock` or the process ends).
+
+        A non-empty folder is refused, unless ``overwrite`` and it holds a run (:meth:`holds_run`) that
+        no other process writes: then everything in it is deleted, under the lock. Nothing is touched
+        when refused.
+
+        Raises:
+            RunFolderError: a file at ``path``, a non-empty folder (see above), or a folder another process writes.
+        """
         rd = cls(path)
         if rd.path.exists() and not rd.path.is_dir():
             raise RunFolderError(f"{rd.path} exists and is not a folder. Choose another --out.")
-        if rd.path.is_dir() and any(rd.path.iterdir()):
+        rd._check_reusable(overwrite)  # before the lock file is made in a folder that is not ours
+        rd.path.mkdir(parents=True, exist_ok=True)
+        held = rd.lock(action)
+        try:
+            rd._check_reusable(overwrite)  # again, under the lock: another process may have written it meanwhile
+            if overwrite:
+                for entry in rd._entries():
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            rd.checkpoints_dir.mkdir(exist_ok=True)
+            rd.samples_dir.mkdir(exist_ok=True)
+        except BaseException:
+            held.release()
+            raise
+        rd.held_lock = held
+        return rd
+
+    def _check_reusable(self, overwrite: bool) -> None:
+        if not self._entries():
+            return
+        if self.holds_run() or self.is_run():
             if not overwrite:
                 raise RunFolderError(
-                    f"The run folder {rd.path} exists already and holds a run. Continue it with "
-                    f"`capsgan run --resume {rd.path}`, start over with --overwrite (deletes it), "
+                    f"The run folder {self.path} exists already and holds a run. Continue it with "
+                    f"`capsgan run --resume {self.path}`, start over with --overwrite (deletes it), "
                     "or choose another folder with --out."
                 )
-            shutil.rmtree(rd.path)
-        rd.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        rd.samples_dir.mkdir(exist_ok=True)
-        return rd
+            if self.holds_run():
+                return  # create() takes the lock before deleting: a run another process writes is refused there
+        raise RunFolderError(
+            f"{self.path} is not empty and does not hold a run (no checkpoints/ folder with a resolved recipe.toml "
+            "or a checkpoint), so nothing in it was deleted"
+            + (": --overwrite deletes only a run folder." if overwrite else ".")
+            + " Choose another folder with --out, or empty this one yourself.")
 
     def write_recipe(self, resolved: ResolvedRecipe) -> Path:
         """Write the resolved recipe (every default filled in)."""
-        header = f"# Resolved from {resolved.source}; every default filled in.\n"
+        header = f"{_RECIPE_HEADER}{resolved.source}; every default filled in.\n"
         self.recipe_file.write_text(header + dumps_toml(resolved.to_dict()) + "\n", encoding="utf-8")
         return self.recipe_file
 
@@ -112,6 +186,8 @@ class RunDir:
         if self.metrics_file.exists() or ckpt.latest(self.checkpoints_dir) is not None:
             return  # training began: keep everything
         self.recipe_file.unlink(missing_ok=True)
+        if self.held_lock is not None:
+            self.lock_file.unlink(missing_ok=True)  # unlinked while held: a waiting process sees another file
         for folder in (self.checkpoints_dir, self.samples_dir, self.path):
             try:
                 folder.rmdir()  # only if empty: never delete results
@@ -196,14 +272,25 @@ class RunDir:
     def resume_checkpoint(self) -> Path | None:
         """Return the checkpoint to resume from, or ``None`` for a run stopped before its first one.
 
-        Temporary files of checkpoint writes that a crash interrupted are deleted.
+        Temporary files of checkpoint writes that a crash interrupted are deleted: call it with the
+        folder's lock held (:meth:`lock`), or a live writer's temporary goes; :meth:`check_resumable`
+        only looks.
+
+        Raises:
+            RunFolderError: no such folder, or a folder that holds no run.
+        """
+        self.check_resumable()
+        ckpt.remove_stale_temporaries(self.checkpoints_dir)
+        return ckpt.latest(self.checkpoints_dir)
+
+    def check_resumable(self) -> Path | None:
+        """Refuse a folder that holds no run to resume (changing nothing); return its newest checkpoint.
 
         Raises:
             RunFolderError: no such folder, or a folder that holds no run.
         """
         if not self.path.is_dir():
             raise RunFolderError(f"Cannot resume {self.path}: no such run folder.")
-        ckpt.remove_stale_temporaries(self.checkpoints_dir)
         found = ckpt.latest(self.checkpoints_dir)
         if found is None and not self.recipe_file.is_file():
             raise RunFolderError(

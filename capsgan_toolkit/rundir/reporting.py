@@ -143,6 +143,12 @@ def _series(rows: Iterable[dict], key: str, kind: str = "train") -> tuple[list[f
     return xs, ys
 
 
+def _legend(ax, **kwargs) -> None:
+    """A legend where the panel has labelled lines (a short run may have none: no warning, no empty box)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Draw losses, encoder accuracy and discriminator accuracy against steps."""
     import matplotlib
@@ -159,7 +165,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_title("losses")
     ax.set_xlabel("step")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
 
     ax = axes[1]
     xs, ys = _series(rows, "encoder_acc")
@@ -171,7 +177,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     ax.set_ylim(0, 1.02)
     ax.set_title("encoder accuracy")
     ax.set_xlabel("step")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
 
     ax = axes[2]
     xs, ys = _series(rows, "disc_acc")
@@ -186,7 +192,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     ax.set_ylim(0, 1.02)
     ax.set_title("discriminator accuracy and gate")
     ax.set_xlabel("step")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
 
     extra = [k for k in sorted({k for r in rows if r.get("kind") == "eval" for k in r}) if k not in ("kind", "step", "epoch")]
     if extra:
@@ -195,7 +201,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
             xs, ys = _series(rows, key, kind="eval")
             if xs:
                 sub.plot(xs, ys, "s--", label=key)
-        sub.legend(fontsize=7, loc="lower right")
+        _legend(sub, fontsize=7, loc="lower right")
 
     if title:
         fig.suptitle(title)

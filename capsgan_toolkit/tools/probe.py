@@ -155,7 +155,21 @@ def picture_rows(run, rows: list[dict[str, Any]], count: int = 8) -> list[tuple[
 
 
 def write_probe(run_dir, *, n: int = 1000, checkpoint: str | None = None, device: str | None = None) -> dict[str, Any]:
-    """Load a trained run, probe it, write probe.json and probe.png into its folder; return probe.json's content."""
+    """Load a trained run, probe it, write probe.json and probe.png into its folder; return probe.json's content.
+
+    Holds the folder's lock throughout: refused at once while another process writes the folder.
+    """
+    from pathlib import Path
+
+    from capsgan_toolkit.rundir.folder import RunDir
+
+    if not Path(run_dir).is_dir():  # load_trained says what is missing
+        return _write_probe(run_dir, n=n, checkpoint=checkpoint, device=device)
+    with RunDir(run_dir).lock("probing"):
+        return _write_probe(run_dir, n=n, checkpoint=checkpoint, device=device)
+
+
+def _write_probe(run_dir, *, n: int, checkpoint: str | None, device: str | None) -> dict[str, Any]:
     import json
 
     from capsgan_toolkit.api import load_trained
