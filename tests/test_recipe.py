@@ -120,3 +120,13 @@ def test_generator_needs_some_loss(tiny_recipe, registry, tmp_path):
     del tiny_recipe["losses"]["reconstruction"]
     del tiny_recipe["losses"]["adversarial"]
     assert "at least one of losses.reconstruction and losses.adversarial" in _error(tiny_recipe, registry, tmp_path)
+
+
+def test_switching_a_plugin_with_set_says_how_to_replace_the_table(tiny_recipe, registry, tmp_path):
+    # The tiny recipe's encoder is a cnn with cnn parameters; --set encoder.plugin=capsnet keeps them.
+    text = _error(tiny_recipe, registry, tmp_path, ["encoder.plugin=capsnet"])
+    assert "encoder.channels: unknown key" in text
+    assert "--set 'encoder={plugin=\"capsnet\"}'" in text and "capsgan plugins" in text
+    # A recipe's own unknown key (no --set of the plugin) gets no such hint.
+    tiny_recipe["encoder"]["chanels"] = 8
+    assert "Replace the whole table" not in _error(tiny_recipe, registry, tmp_path)

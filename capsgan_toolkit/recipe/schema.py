@@ -203,14 +203,26 @@ def format_value(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _format_errors(errors: list[tuple[str, str, Any]], source: str, overrides: dict[str, str]) -> str:
+def _format_errors(errors: list[tuple[str, str, Any]], source: str, overrides: dict[str, str],
+                   hints: list[str] | None = None) -> str:
     lines = [f"{source}: the recipe is not valid ({len(errors)} problem{'s' if len(errors) != 1 else ''}):"]
     for key, msg, value in errors:
         origin = f" (from --set {key}={overrides[key]})" if key in overrides else ""
         shown = "" if value is _MISSING else f" (got {format_value(value)})"
         lines.append(f"  - {key or '<top level>'}: {msg}{shown}{origin}")
+    lines.extend(hints or [])
     lines.append("Fix these keys in the recipe (see docs/recipes.md, or `capsgan plugins` for component params).")
     return "\n".join(lines)
+
+
+def _switched_plugin_hint(key: str, plugin: str, errors: list[tuple[str, str, Any]], overrides: dict[str, str]) -> str | None:
+    """A hint when ``--set KEY.plugin=X`` left the recipe's parameters of its former plugin behind."""
+    if f"{key}.plugin" not in overrides or not any(msg == "unknown key" for _, msg, _ in errors):
+        return None
+    return (f"{key}.plugin was changed with --set, but [{key}] still holds the parameters of the recipe's own "
+            f"plugin, which \"{plugin}\" does not take. Replace the whole table instead: "
+            f"--set '{key}={{plugin=\"{plugin}\"}}' (then set its own parameters with --set {key}.NAME=VALUE; "
+            f"`capsgan plugins` lists them).")
 
 
 _MISSING = object()
@@ -283,6 +295,7 @@ def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrid
         raise RecipeError(_format_errors(_pydantic_errors(exc), source, overrides)) from None
 
     errors: list[tuple[str, str, Any]] = []
+    hints: list[str] = []
     params: dict[str, BaseModel] = {}
     for key, family, spec in recipe.component_slots():
         try:
@@ -297,7 +310,11 @@ def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrid
         try:
             params[key] = comp.params_model.model_validate(spec.params)
         except ValidationError as exc:
-            errors.extend(_pydantic_errors(exc, key))
+            slot_errors = _pydantic_errors(exc, key)
+            errors.extend(slot_errors)
+            hint = _switched_plugin_hint(key, spec.plugin, slot_errors, overrides)
+            if hint:
+                hints.append(hint)
     optim: dict[str, BaseModel] = {}
     if "objective.plugin" not in {e[0] for e in errors}:
         objective = registry.get("objective", recipe.objective.plugin).cls
@@ -309,7 +326,7 @@ def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrid
         errors.append(("output.tensorboard", 'needs the tensorboard package, which is not installed here: '
                        'pip install "capsgan-toolkit[tensorboard]" (or set output.tensorboard = false)', True))
     if errors:
-        raise RecipeError(_format_errors(errors, source, overrides))
+        raise RecipeError(_format_errors(errors, source, overrides, hints))
     return ResolvedRecipe(recipe, params, source, optim)
 
 
