@@ -9,7 +9,7 @@ What is used where (docs/compare.md says the same):
 - per contrast (a, b): the paired differences a(seed k) - b(seed k) over the seeds both
   have, their mean, a 95 % Student-t interval of that mean and the paired t-test's p-value
   (these decide the verdict) and, beside them, a 95 % percentile bootstrap interval of the mean difference
-  (numpy, 10 000 resamples of the seeds, generator seeded with 0; with few seeds it can only
+  (scipy.stats.bootstrap, 10 000 resamples of the seeds, generator seeded with 0; with few seeds it can only
   take a handful of values and is shown for reference, not used for the verdict);
 - verdict: "better" / "worse" when the t-interval of the difference excludes 0 (the sign read
   with the metric's direction), else "not distinguishable with N seeds". No verdict is read
@@ -22,17 +22,20 @@ What is used where (docs/compare.md says the same):
   one report; :func:`final_verdict` keeps a better/worse only where the adjusted p-value is
   under 0.05.
 
-The t quantile is computed here (regularised incomplete beta, bisection), so the toolkit does
-not need scipy at run time; the tests check it against scipy.
+Student's t (its CDF and quantiles), the one-sample t-test and the bootstrap come from
+``scipy.stats`` (``t``, ``ttest_1samp``, ``bootstrap``); Holm's adjustment and the seed estimate
+are the few lines below, checked against hand computations in the tests.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from capsgan_toolkit import catalogue
 
@@ -52,7 +55,8 @@ METHODS = {
     "paired": "paired differences a(seed k) - b(seed k) over the seeds both arms have; 95% Student-t interval of "
               "their mean",
     "bootstrap": (f"95% percentile bootstrap interval of the mean paired difference, {BOOTSTRAP_RESAMPLES} "
-                  f"resamples of the seeds, numpy default_rng({BOOTSTRAP_SEED}); shown for reference"),
+                  f"resamples of the seeds (scipy.stats.bootstrap, percentile method, numpy default_rng({BOOTSTRAP_SEED})); "
+                  "shown for reference"),
     "verdict": (f"better/worse when the paired t-interval excludes 0 (read with the metric's direction) and the "
                 f"Holm-adjusted p-value is under {ALPHA:.2f}; none from fewer than {MIN_SEEDS} paired seeds, a "
                 "zero-width interval, a difference within the metric's resolution, or an arm that did not learn"),
@@ -66,72 +70,19 @@ METHODS = {
 }
 
 
-# ------------------------------------------------------------------ the t quantile
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+# ------------------------------------------------------------------ Student's t (scipy.stats)
 
 
 def t_cdf(t: float, df: float) -> float:
-    """Return P(T <= t) for Student's t with ``df`` degrees of freedom."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
+    """Return P(T <= t) for Student's t with ``df`` degrees of freedom (``scipy.stats.t.cdf``)."""
+    return float(scipy_stats.t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
-    """Return the ``p`` quantile of Student's t with ``df`` degrees of freedom (to ~1e-12)."""
+    """Return the ``p`` quantile of Student's t with ``df`` degrees of freedom (``scipy.stats.t.ppf``)."""
     if not 0.0 < p < 1.0 or df <= 0:
         raise ValueError("need 0 < p < 1 and df > 0")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    return float(scipy_stats.t.ppf(p, df))
 
 
 # ------------------------------------------------------------------ summaries
@@ -158,11 +109,11 @@ def bootstrap_interval(values, confidence: float = CONFIDENCE, resamples: int = 
     arr = _finite(values)
     if arr.size < 2:
         return None
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, arr.size, size=(resamples, arr.size))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.percentile(means, [100 * alpha, 100 * (1 - alpha)])
-    return float(lo), float(hi)
+    if float(arr.std()) == 0.0:  # every resample has the same mean
+        return float(arr[0]), float(arr[0])
+    result = scipy_stats.bootstrap((arr,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                                   method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 UNBOUNDED = (-math.inf, math.inf)
@@ -297,8 +248,9 @@ def t_test_p(differences) -> float | None:
     sd = float(arr.std(ddof=1))
     if sd == 0.0:
         return None
-    t = float(arr.mean()) / (sd / math.sqrt(arr.size))
-    return 2.0 * (1.0 - t_cdf(abs(t), arr.size - 1))
+    with warnings.catch_warnings():  # nearly equal differences: scipy warns of precision loss, the p-value stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(scipy_stats.ttest_1samp(arr, 0.0).pvalue)
 
 
 def holm(p_values: dict[Any, float | None]) -> dict[Any, float | None]:
