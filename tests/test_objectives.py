@@ -193,3 +193,41 @@ def test_a_wrong_shape_encoder_is_named_before_any_run_folder_exists(tmp_path):
     assert 'the encoder "wrong_shape" of [encoder] (from wrong_shape_test)' in text
     assert "returned shape (2, 10)" in text and "(B, K, D) = (2, 10, 4)" in text
     assert "no run folder was made" in text
+
+
+class _WrongShapeWhenTraining(_WrongShapeEncoder):
+    """Right shape in eval mode, (B, K) in training mode: only a training-mode check finds it."""
+
+    def forward(self, images):
+        scores = self.linear(images.flatten(1))
+        return scores if self.training else scores.unsqueeze(-1).expand(-1, -1, self.capsule_dim)
+
+
+def test_an_encoder_wrong_only_in_training_mode_is_named_before_any_run_folder_exists(tmp_path):
+    from capsgan_toolkit.plugin.manager import load_plugins
+
+    plugins = load_plugins()
+    plugins.registry.current_source = "wrong_when_training_test"
+    try:
+        plugins.registry.register("encoder", "wrong_when_training", _WrongShapeWhenTraining)
+    finally:
+        plugins.registry.current_source = "<unknown>"
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["encoder"] = {"plugin": "wrong_when_training"}
+    with pytest.raises(ContractError) as info:
+        build(resolve(recipe, plugins.registry), plugins)
+    text = str(info.value)
+    assert "returned shape (2, 10) in training mode" in text and "(B, K, D) = (2, 10, 4)" in text
+
+
+def test_the_contract_check_changes_no_weight_buffer_or_random_state(plugins):
+    recipe = copy.deepcopy(TINY_RECIPE)  # the tiny generator and discriminator have BatchNorm
+    checked = build(resolve(recipe, plugins.registry), plugins, check=True)
+    after_check = torch.random.get_rng_state()
+    plain = build(resolve(recipe, plugins.registry), plugins, check=False)
+    assert torch.equal(after_check, torch.random.get_rng_state())
+    for name, module in plain.modules().items():
+        theirs = checked.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, theirs[key]), f"{name}.{key} changed by the contract check"
+        assert checked.modules()[name].training == module.training

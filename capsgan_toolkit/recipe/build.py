@@ -156,44 +156,56 @@ def _violation(plugins, resolved, key: str, what: str) -> ContractError:
 
 @torch.no_grad()
 def check_contracts(built: Built, plugins, *, latent: tuple[int, int], disc_shape, batch: int = 2) -> None:
-    """Run ``batch`` random inputs through each part and check the shapes of what it returns.
+    """Run ``batch`` random inputs through each part, in eval and in training mode, and check the shapes returned.
 
-    Models run in eval mode under ``no_grad`` with their own random generator, so the
-    check changes no weight, statistic or RNG state.
+    Both modes, because a model may take another path when training (dropout, BatchNorm batch statistics,
+    a branch on ``self.training``). The check runs under ``no_grad`` with its own random generator; the
+    global RNGs and every model's buffers (BatchNorm running statistics) are put back afterwards, so it
+    changes no weight, statistic or RNG state.
 
     Raises:
-        ContractError: naming the plugin, its source and the shape it returned.
+        ContractError: naming the plugin, its source, the mode and the shape it returned.
     """
-    p, resolved, info = built.parts, built.resolved, built.info
-    gen = torch.Generator().manual_seed(0)
+    p = built.parts
     modes = {name: m.training for name, m in p.modules().items()}
-    for m in p.modules().values():
-        m.eval()
+    buffers = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in p.modules().items()}
     try:
-        if p.encoder is not None:
-            images = torch.rand(batch, *info.image_shape, generator=gen) * 2 - 1
-            out = _call(plugins, resolved, "encoder", p.encoder, images)
-            want: tuple[int | None, ...] = (batch, info.num_classes, getattr(p.encoder, "capsule_dim", None))
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-                raise _violation(plugins, resolved, "encoder", f"returned {_shape(out)} for {batch} images of shape "
-                                 f"{tuple(info.image_shape)}; the contract is (B, K, D) = {want} (K classes, D its "
-                                 "declared capsule_dim)")
-        if p.generator is not None:
-            z = torch.randn(batch, *latent, generator=gen)
-            out = _call(plugins, resolved, "generator", p.generator, z)
-            want = (batch, *info.image_shape)
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-                raise _violation(plugins, resolved, "generator", f"returned {_shape(out)} for a latent of shape "
-                                 f"{tuple(z.shape)}; the contract is images (B, C, H, W) = {want}")
-        if p.discriminator is not None:
-            images = torch.rand(batch, *disc_shape, generator=gen) * 2 - 1
-            out = _call(plugins, resolved, "discriminator", p.discriminator, images)
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (batch,):
-                raise _violation(plugins, resolved, "discriminator", f"returned {_shape(out)} for {batch} images; "
-                                 f"the contract is one logit per image, shape ({batch},)")
+        with torch.random.fork_rng(devices=[]):
+            for training in (False, True):
+                for m in p.modules().values():
+                    m.train(training)
+                _check_shapes(built, plugins, latent=latent, disc_shape=disc_shape, batch=batch,
+                              mode="in training mode" if training else "in eval mode")
     finally:
         for name, m in p.modules().items():
+            m.load_state_dict(buffers[name])
             m.train(modes[name])
+
+
+def _check_shapes(built: Built, plugins, *, latent: tuple[int, int], disc_shape, batch: int, mode: str) -> None:
+    p, resolved, info = built.parts, built.resolved, built.info
+    gen = torch.Generator().manual_seed(0)
+    if p.encoder is not None:
+        images = torch.rand(batch, *info.image_shape, generator=gen) * 2 - 1
+        out = _call(plugins, resolved, "encoder", p.encoder, images)
+        want: tuple[int | None, ...] = (batch, info.num_classes, getattr(p.encoder, "capsule_dim", None))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            raise _violation(plugins, resolved, "encoder", f"returned {_shape(out)} {mode} for {batch} images of "
+                             f"shape {tuple(info.image_shape)}; the contract is (B, K, D) = {want} (K classes, D its "
+                             "declared capsule_dim)")
+    if p.generator is not None:
+        z = torch.randn(batch, *latent, generator=gen)
+        out = _call(plugins, resolved, "generator", p.generator, z)
+        want = (batch, *info.image_shape)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            raise _violation(plugins, resolved, "generator", f"returned {_shape(out)} {mode} for a latent of shape "
+                             f"{tuple(z.shape)}; the contract is images (B, C, H, W) = {want}")
+    if p.discriminator is not None:
+        images = torch.rand(batch, *disc_shape, generator=gen) * 2 - 1
+        out = _call(plugins, resolved, "discriminator", p.discriminator, images)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (batch,):
+            raise _violation(plugins, resolved, "discriminator", f"returned {_shape(out)} {mode} for {batch} images; "
+                             f"the contract is one logit per image, shape ({batch},)")
 
 
 def _call(plugins, resolved, key, module, x):
