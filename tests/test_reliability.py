@@ -469,6 +469,26 @@ def test_nan_loss_with_on_nan_skip_skips_and_counts_the_steps(in_process, tmp_pa
     assert max(int(s["step"]) for s in final["optimizers"]["encoder_generator"]["state"].values()) == 2
 
 
+def test_on_nan_skip_puts_back_the_buffers_a_skipped_step_changed(in_process, tmp_path):
+    # The encoder's capsules turn NaN at step 2: the generator's BatchNorm sees NaN in that forward pass
+    # before any loss is checked. The step is skipped, and its running statistics must be put back.
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["run"].update(plugins=[FAULTS], eval_batches=1, on_nan="skip", epochs=1, steps_per_epoch=4)
+    recipe["encoder"] = {**recipe["encoder"], "plugin": "nan_cnn_at_step", "at_steps": [2]}
+    recipe["generator"] = {**recipe["generator"], "batch_norm": True}
+    recipe["gate"] = {"plugin": "always"}  # the generator and discriminator run from the first step
+    run_dir = tmp_path / "run"
+    result = in_process("run", write_toml(tmp_path / "nan_encoder.toml", recipe), "--out", run_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_steps"] == 1
+    final = ckpt.load_checkpoint(run_dir / "checkpoints" / "final.pt")
+    running = {f"{m}.{k}": t for m, state in final["models"].items() for k, t in state.items() if "running_" in k}
+    assert running, "the tiny generator should have BatchNorm running statistics"
+    bad = [k for k, t in running.items() if not torch.isfinite(t).all()]
+    assert not bad, f"NaN running statistics saved after a skipped step: {bad}"
+    assert all(torch.isfinite(t).all() for m in final["models"].values() for t in m.values())
+
+
 # ---------------------------------------------------------------------------- a full disk
 
 

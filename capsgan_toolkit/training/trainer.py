@@ -106,6 +106,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every model buffer (running statistics and counters) with a copy of its value now."""
+        return [(b, b.detach().clone()) for m in self.built.modules().values() for b in m.buffers()]
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Run one step: the gate decides the phases, the objective computes and steps."""
         pos = self.pos
@@ -114,8 +118,15 @@ class Trainer:
             disc_acc=pos.disc_acc.value, has_discriminator=self.built.parts.discriminator is not None))
         if self.dist.active:  # each rank draws its own noise; a pure function of the step: nothing to save
             torch.manual_seed(distributed.step_seed(self.recipe.run.seed, pos.step, self.dist.rank))
+        # run.on_nan = "skip": a skipped step must leave no trace, but its forward passes already moved the
+        # models' buffers (BatchNorm running statistics, possibly to NaN): keep a copy to put back.
+        buffers = self._buffers() if self.recipe.run.on_nan == "skip" else None
         with self.speed.step():
             result = self.objective.step(self.built.augment(images, pos.step), labels, phases, self.update)
+        if buffers is not None and self.opt.step_skipped:
+            with torch.no_grad():
+                for live, saved in buffers:
+                    live.copy_(saved)
         if self.dist.active:  # the same running accuracies, gate and guard decisions on every rank
             result = self.dist.reduce_result(result)
             self.dist.broadcast_modules(self.built.modules().values(), buffers_only=True)

@@ -5,6 +5,8 @@ folder must be on ``sys.path``). They register like any third-party plugin:
 
 - classification loss ``nan_at_step``: the margin loss, but NaN or Inf at chosen
   training steps, so the trainer's numerical-fault handling can be exercised;
+- encoder ``nan_cnn_at_step``: the built-in CNN encoder whose capsules turn NaN at chosen
+  training steps, so NaN flows through the generator's BatchNorm before any loss is checked;
 - reconstruction loss ``rng_mse``: MSE against a target jittered by the torch,
   NumPy and Python generators, so a resume that restores any RNG state wrongly
   ends with different weights.
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from capsgan_plugins.cnn import CNNEncoder
 from capsgan_plugins.losses import MarginLoss
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.interfaces import ClassificationLoss, Params, ReconstructionLoss
@@ -51,6 +54,25 @@ class NanAtStepLoss(ClassificationLoss):
         return loss
 
 
+class NanCNNAtStep(CNNEncoder):
+    """The CNN encoder, but its capsules are NaN at chosen training steps (fault injection)."""
+
+    class Params(CNNEncoder.Params):
+        at_steps: list[int] = Field(default_factory=list, description="Training steps (1-based) whose capsules are NaN.")
+
+    def __init__(self, params, *, image_shape, num_classes):
+        super().__init__(params, image_shape=image_shape, num_classes=num_classes)
+        self.calls = 0  # training forwards with gradients: one per step (the contract check runs under no_grad)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        capsules = super().forward(images)
+        if self.training and torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls in self.params.at_steps:
+                capsules = capsules * float("nan")
+        return capsules
+
+
 class RngMSELoss(ReconstructionLoss):
     """MSE against a target jittered by the torch, NumPy and Python generators."""
 
@@ -67,3 +89,4 @@ class RngMSELoss(ReconstructionLoss):
 def capsgan_register(registry):
     registry.register("classification_loss", "nan_at_step", NanAtStepLoss)
     registry.register("reconstruction_loss", "rng_mse", RngMSELoss)
+    registry.register("encoder", "nan_cnn_at_step", NanCNNAtStep)
