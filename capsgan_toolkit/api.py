@@ -112,6 +112,13 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
 
     resumed = RunDir(out) if resume and out is not None and RunDir(out).is_run() else None  # the run to continue
     if resumed is not None and resumed.is_finished() and not sets:
+        final = resumed.checkpoint_file("final.pt")
+        try:
+            ckpt.load_checkpoint(final)  # "done" only when what it finished with can be read
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{resumed.path} finished training, but {exc} {resumed.other_checkpoints(final)} "
+                "Or train it again from the start with --overwrite.") from None
         return resumed.read_summary()
     recipe_in: _RecipeFile | tuple[PluginSet, ResolvedRecipe]
     if loaded is not None:
@@ -257,7 +264,10 @@ def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict
     """
     rd = RunDir(run_dir)
     path = rd.checkpoint(checkpoint)
-    state = ckpt.load_checkpoint(path)
+    try:
+        state = ckpt.load_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} {rd.other_checkpoints(path)}") from None
     data = copy.deepcopy(state["recipe"])
     for text in sets:
         if not text.split("=", 1)[0].strip().startswith("eval."):

@@ -462,3 +462,24 @@ def test_resuming_from_a_corrupt_checkpoint_says_so_on_the_command_line(trained,
     message = _assert_clean_exit(invoke("run", "--resume", run_dir, "--quiet"))
     assert "corrupt or truncated" in message and "step_000000003.pt" in message
     TALLY["bad checkpoints"] += 1
+
+
+def test_a_finished_run_with_a_corrupt_final_checkpoint_is_not_called_done(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    write_toml(run_dir / "recipe.toml", TINY_RECIPE)
+    (run_dir / "summary.json").write_text('{"steps": 6}', encoding="utf-8")
+    raw = trained.read_bytes()
+    (run_dir / "checkpoints" / "best.pt").write_bytes(raw)
+    damaged = bytearray(raw)
+    damaged[-10] ^= 0xFF
+    (run_dir / "checkpoints" / "final.pt").write_bytes(bytes(damaged))
+    # --resume of the finished run: not "done", the damage named, the other checkpoint and --overwrite offered.
+    message = _assert_clean_exit(invoke("run", "--resume", run_dir, "--quiet"))
+    assert "finished training" in message and "corrupt or truncated" in message and "final.pt" in message
+    assert "best.pt" in message and "--checkpoint" in message and "--overwrite" in message
+    # eval of it: the same, pointing at the checkpoint that still reads.
+    message = _assert_clean_exit(invoke("eval", run_dir, "--metrics", "acc"))
+    assert "corrupt or truncated" in message and "--checkpoint best.pt" in message
+    assert (run_dir / "checkpoints" / "final.pt").read_bytes() == bytes(damaged)  # nothing rewritten
+    TALLY["bad checkpoints"] += 2

@@ -246,6 +246,15 @@ class RunDir:
     def checkpoint_file(self, name: str) -> Path:
         return self.checkpoints_dir / name
 
+    def other_checkpoints(self, unreadable: Path) -> str:
+        """One sentence for an error about ``unreadable``: the run's other checkpoints and how to use one."""
+        others = sorted(p.name for p in self.checkpoints_dir.glob("*.pt") if p.name != Path(unreadable).name)
+        if not others:
+            return "The run holds no other checkpoint."
+        first = next((name for name in ("best.pt", "interrupt.pt") if name in others), others[-1])
+        return (f"Its other checkpoints: {', '.join(others)}; use one with --checkpoint "
+                f"(e.g. --checkpoint {first}).")
+
     def checkpoint(self, which: str | None = None) -> Path:
         """Return a checkpoint: ``None`` (final, else the newest), ``final``, ``best``, ``latest``, or a file.
 
