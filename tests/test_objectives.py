@@ -176,20 +176,25 @@ class _WrongShapeEncoder(Encoder):
         return self.linear(images.flatten(1))
 
 
-def test_a_wrong_shape_encoder_is_named_before_any_run_folder_exists(tmp_path):
+def _contract_error(name: str, encoder_cls, source: str) -> str:
+    """Build the tiny recipe with ``encoder_cls`` registered as encoder ``name``; return the ContractError's text."""
     from capsgan_toolkit.plugin.manager import load_plugins
 
     plugins = load_plugins()  # its own: the session's shared plugin set stays as installed
-    plugins.registry.current_source = "wrong_shape_test"
+    plugins.registry.current_source = source
     try:
-        plugins.registry.register("encoder", "wrong_shape", _WrongShapeEncoder)
+        plugins.registry.register("encoder", name, encoder_cls)
     finally:
         plugins.registry.current_source = "<unknown>"
     recipe = copy.deepcopy(TINY_RECIPE)
-    recipe["encoder"] = {"plugin": "wrong_shape"}
+    recipe["encoder"] = {"plugin": name}
     with pytest.raises(ContractError) as info:
         build(resolve(recipe, plugins.registry), plugins)
-    text = str(info.value)
+    return str(info.value)
+
+
+def test_a_wrong_shape_encoder_is_named_before_any_run_folder_exists(tmp_path):
+    text = _contract_error("wrong_shape", _WrongShapeEncoder, "wrong_shape_test")
     assert 'the encoder "wrong_shape" of [encoder] (from wrong_shape_test)' in text
     assert "returned shape (2, 10)" in text and "(B, K, D) = (2, 10, 4)" in text
     assert "no run folder was made" in text
@@ -204,19 +209,7 @@ class _WrongShapeWhenTraining(_WrongShapeEncoder):
 
 
 def test_an_encoder_wrong_only_in_training_mode_is_named_before_any_run_folder_exists(tmp_path):
-    from capsgan_toolkit.plugin.manager import load_plugins
-
-    plugins = load_plugins()
-    plugins.registry.current_source = "wrong_when_training_test"
-    try:
-        plugins.registry.register("encoder", "wrong_when_training", _WrongShapeWhenTraining)
-    finally:
-        plugins.registry.current_source = "<unknown>"
-    recipe = copy.deepcopy(TINY_RECIPE)
-    recipe["encoder"] = {"plugin": "wrong_when_training"}
-    with pytest.raises(ContractError) as info:
-        build(resolve(recipe, plugins.registry), plugins)
-    text = str(info.value)
+    text = _contract_error("wrong_when_training", _WrongShapeWhenTraining, "wrong_when_training_test")
     assert "returned shape (2, 10) in training mode" in text and "(B, K, D) = (2, 10, 4)" in text
 
 
