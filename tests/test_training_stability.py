@@ -70,10 +70,15 @@ def test_warm_up_learning_rate_is_logged_and_resume_mid_warm_up_is_exact(tmp_pat
     assert result.exit_code == 0, result.output
     a = ckpt.load_checkpoint(straight / "checkpoints" / "final.pt")
     b = ckpt.load_checkpoint(resumed / "checkpoints" / "final.pt")
+    _assert_same_weights(a, b)
+    assert a["schedulers"] == b["schedulers"]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoints hold bitwise equal weights, part by part."""
     for part, weights in a["models"].items():
         for key, value in weights.items():
             assert torch.equal(value, b["models"][part][key]), f"{part}.{key}"
-    assert a["schedulers"] == b["schedulers"]
 
 
 def test_a_step_budget_that_stops_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
@@ -93,9 +98,7 @@ def test_a_step_budget_that_stops_mid_epoch_resumes_the_rest_of_that_epoch(tmp_p
     a = ckpt.load_checkpoint(straight / "checkpoints" / "final.pt")
     b = ckpt.load_checkpoint(stopped / "checkpoints" / "final.pt")
     assert b["position"] == a["position"] == {"epoch": 2, "batch_in_epoch": 0, "step": 6}
-    for part, weights in a["models"].items():
-        for key, value in weights.items():
-            assert torch.equal(value, b["models"][part][key]), f"{part}.{key}"
+    _assert_same_weights(a, b)
     epochs = [r["epoch"] for r in read_metrics(stopped / "metrics.jsonl") if r["kind"] == "epoch"]
     assert epochs == [0, 1]  # the partial epoch's row was replaced by the whole epoch's
 
@@ -117,6 +120,4 @@ def test_end_of_epoch_work_leaves_the_random_stream_of_a_dropout_encoder_alone(t
     b = ckpt.load_checkpoint(stopped / "checkpoints" / "final.pt")
     assert b["position"] == a["position"] == {"epoch": 2, "batch_in_epoch": 0, "step": 6}
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    for part, weights in a["models"].items():
-        for key, value in weights.items():
-            assert torch.equal(value, b["models"][part][key]), f"{part}.{key}"
+    _assert_same_weights(a, b)
