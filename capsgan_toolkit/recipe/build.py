@@ -154,6 +154,21 @@ def _violation(plugins, resolved, key: str, what: str) -> ContractError:
     )
 
 
+class BufferSnapshot:
+    """A copy of every buffer (BatchNorm running statistics, counters) of ``modules``, to put back in place.
+
+    Restored with ``copy_`` into the same tensors, so CUDA-graph captures that hold them stay valid.
+    """
+
+    def __init__(self, modules):
+        self._pairs = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for live, saved in self._pairs:
+            live.copy_(saved)
+
+
 @torch.no_grad()
 def check_contracts(built: Built, plugins, *, latent: tuple[int, int], disc_shape, batch: int = 2) -> None:
     """Run ``batch`` random inputs through each part, in eval and in training mode, and check the shapes returned.
@@ -168,7 +183,7 @@ def check_contracts(built: Built, plugins, *, latent: tuple[int, int], disc_shap
     """
     p = built.parts
     modes = {name: m.training for name, m in p.modules().items()}
-    buffers = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in p.modules().items()}
+    buffers = BufferSnapshot(p.modules().values())  # parameters cannot change under no_grad; buffers can
     try:
         with torch.random.fork_rng(devices=[]):
             for training in (False, True):
@@ -178,8 +193,8 @@ def check_contracts(built: Built, plugins, *, latent: tuple[int, int], disc_shap
                               mode="in training mode" if training else "in eval mode")
     finally:
         for name, m in p.modules().items():
-            m.load_state_dict(buffers[name])
             m.train(modes[name])
+        buffers.restore()
 
 
 def _check_shapes(built: Built, plugins, *, latent: tuple[int, int], disc_shape, batch: int, mode: str) -> None:

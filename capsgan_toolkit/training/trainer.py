@@ -25,7 +25,7 @@ from capsgan_toolkit.evaluation.flops import parts_flops_per_image
 from capsgan_toolkit.interfaces import TrainState
 from capsgan_toolkit.plugin.events import EpochEnd, RunEnd, RunStart, emit
 from capsgan_toolkit.plugin.manager import PluginSet
-from capsgan_toolkit.recipe.build import Built, build, pick_device
+from capsgan_toolkit.recipe.build import BufferSnapshot, Built, build, pick_device
 from capsgan_toolkit.recipe.schema import ResolvedRecipe
 from capsgan_toolkit.rundir.folder import RunDir
 from capsgan_toolkit.rundir.reporting import MetricsLog
@@ -106,10 +106,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every model buffer (running statistics and counters) with a copy of its value now."""
-        return [(b, b.detach().clone()) for m in self.built.modules().values() for b in m.buffers()]
-
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Run one step: the gate decides the phases, the objective computes and steps."""
         pos = self.pos
@@ -120,13 +116,11 @@ class Trainer:
             torch.manual_seed(distributed.step_seed(self.recipe.run.seed, pos.step, self.dist.rank))
         # run.on_nan = "skip": a skipped step must leave no trace, but its forward passes already moved the
         # models' buffers (BatchNorm running statistics, possibly to NaN): keep a copy to put back.
-        buffers = self._buffers() if self.recipe.run.on_nan == "skip" else None
+        buffers = BufferSnapshot(self.built.modules().values()) if self.recipe.run.on_nan == "skip" else None
         with self.speed.step():
             result = self.objective.step(self.built.augment(images, pos.step), labels, phases, self.update)
         if buffers is not None and self.opt.step_skipped:
-            with torch.no_grad():
-                for live, saved in buffers:
-                    live.copy_(saved)
+            buffers.restore()
         if self.dist.active:  # the same running accuracies, gate and guard decisions on every rank
             result = self.dist.reduce_result(result)
             self.dist.broadcast_modules(self.built.modules().values(), buffers_only=True)
