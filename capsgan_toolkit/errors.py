@@ -63,3 +63,7 @@ class PluginError(PluginLoadError):
 
 class ContractError(CapsganError):
     """A plugin's component returned something its family's contract forbids (a wrong shape)."""
+
+
+class WriteError(CapsganError):
+    """A file that could not be written (a full disk, a read-only folder); nothing saved before was changed."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.evaluation.scores import to_fidelity_images
 from capsgan_toolkit.interfaces import FeatureExtractor, FeatureSetup, Params
 from capsgan_toolkit.progress import progress_task
+from capsgan_toolkit.rundir import writes
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -276,10 +276,10 @@ def train_domain_net(dataset, params: DomainClassifierParams, info, *, device: t
             "train_images": int(images.shape[0]), "passes_per_epoch": passes, "train_seconds": time.perf_counter() - start,
             "params": params.model_dump(), "version": DOMAIN_CACHE_VERSION, "augmentation": _augmentation_record(),
             "schedule": f"one-cycle, peak lr {params.lr:g}, warm-up {WARMUP_SHARE:g} of {steps} steps"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"arch": arch, "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "meta": meta}, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a cache file
+    payload = {"arch": arch, "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "meta": meta}
+    # Atomic: a crash never leaves half a cache file; a full disk is one clean message.
+    writes.write_rendered(path, lambda fh: torch.save(payload, fh),
+                     advice="Free some disk space (or point CAPSGAN_CACHE elsewhere) and run the command again.")
     return path
 
 

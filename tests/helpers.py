@@ -7,6 +7,10 @@
 from __future__ import annotations
 
 import copy
+import errno
+import fnmatch
+import os
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -84,3 +88,38 @@ def offline(monkeypatch, tmp_path: Path) -> None:
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setattr(mf, "INCEPTION_URL", "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth")
+
+
+class FullDiskAt:
+    """Stands in for ``open`` in :mod:`capsgan_toolkit.rundir.writes`: the disk fills up at one file.
+
+    Writes to the files whose name matches ``name`` (a glob; the temporary twin ``.NAME.tmp-PID``
+    of a file counts as the file) fail
+    with ENOSPC from the ``nth`` time it is opened on, after half of the data landed, as on a
+    real full disk. Every other file is written normally. ``hits`` counts the failed opens.
+    """
+
+    def __init__(self, name: str, nth: int = 1):
+        self.name, self.nth, self.opened, self.hits = name, nth, 0, 0
+
+    def _targets(self, file) -> bool:
+        name = Path(file).name
+        twin = re.fullmatch(r"\.(.+)\.tmp-\d+", name)
+        return fnmatch.fnmatch(twin.group(1) if twin else name, self.name)
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        handle = open(file, mode, *args, **kwargs)
+        if "r" in mode or not self._targets(file):
+            return handle
+        self.opened += 1
+        if self.opened < self.nth:
+            return handle
+        self.hits += 1
+        real_write = handle.write
+
+        def write(data):
+            real_write(data[: len(data) // 2])  # part of it lands
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        handle.write = write
+        return handle

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import TINY_RECIPE, write_toml
+from helpers import TINY_RECIPE, FullDiskAt, write_toml
 from PIL import Image
 
 from capsgan_toolkit import catalogue
@@ -22,6 +22,7 @@ from capsgan_toolkit.cli.compare import compare_command
 from capsgan_toolkit.compare import stats, untrained
 from capsgan_toolkit.compare.fairness import category, compare_recipes
 from capsgan_toolkit.compare.spec import CompareError, load_spec
+from capsgan_toolkit.rundir import writes
 
 EVAL_TABLE = {"metrics": ["acc", "gen_fid"], "num_images": 100, "seed": 0, "reference_split": "test",
               "features": {"domain": {"plugin": "domain_classifier"}}, "batch_size": 100}
@@ -951,3 +952,21 @@ def test_spec_contrasts_and_key_metrics(tmp_path):
                            ('[[contrasts]]\na = "a"\nb = "a"\n', "contrasts.1: an arm cannot be contrasted with itself")):
         with pytest.raises(CompareError, match=re.escape(message)):
             load_spec(_spec(tmp_path, text + extra))
+
+
+@pytest.mark.parametrize("name", ["compare.json", "compare.md", "compare.html"])
+def test_a_full_disk_at_a_report_file_is_one_clean_message_and_leaves_no_temporary(tmp_path, monkeypatch, name):
+    dirs = _arms(tmp_path / "runs", {"capsule": {"fid": [25.0, 28.0, 26.5], "acc": [0.6] * 3, "encoder": "capsnet"},
+                                     "cnn": {"fid": [27.0, 31.0, 28.0], "acc": [0.7, 0.72, 0.71], "encoder": "cnn"}})
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert result.exit_code == 0, result.output
+    before = (out / name).read_bytes()
+    full = FullDiskAt(name)
+    monkeypatch.setattr(writes, "open", full, raising=False)
+    result, out = _compare(tmp_path, dirs, "--quiet")
+    assert full.hits == 1 and result.exit_code == 2 and "Traceback" not in result.output, result.output
+    message = " ".join(result.output.split())
+    assert f"Could not write {out / name}: No space left on device" in message and "free on that disk" in message
+    assert "The previous version of the file is intact" in message
+    assert (out / name).read_bytes() == before
+    assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []

@@ -17,7 +17,6 @@ plugins) is tested in test_reliability_inputs.py.
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import math
 import os
@@ -32,11 +31,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import TINY_RECIPE, write_toml
+from helpers import TINY_RECIPE, FullDiskAt, write_toml
 
 from capsgan_toolkit.cli.main import cli
 from capsgan_toolkit.errors import CheckpointError
 from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.rundir import writes
 from capsgan_toolkit.rundir.reporting import read_metrics
 
 TESTS = Path(__file__).resolve().parent
@@ -492,32 +492,10 @@ def test_on_nan_skip_puts_back_the_buffers_a_skipped_step_changed(in_process, tm
 # ---------------------------------------------------------------------------- a full disk
 
 
-class _FullDisk:
-    """Stands in for ``open`` in the checkpoint module: writes fail with ENOSPC once armed."""
-
-    def __init__(self, fail_from_call: int):
-        self.calls = 0
-        self.fail_from_call = fail_from_call
-
-    def __call__(self, file, mode="r", *args, **kwargs):
-        self.calls += 1
-        handle = open(file, mode, *args, **kwargs)
-        if self.calls < self.fail_from_call:
-            return handle
-        real_write = handle.write
-
-        def write(data):
-            real_write(data[: len(data) // 2])  # part of it lands, as on a real full disk
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        handle.write = write
-        return handle
-
-
 def test_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary(monkeypatch, tmp_path):
     path = ckpt.save_checkpoint({"format": ckpt.FORMAT_VERSION, "w": torch.arange(5.0)}, tmp_path / "step.pt")
     before = path.read_bytes()
-    monkeypatch.setattr(ckpt, "open", _FullDisk(fail_from_call=1), raising=False)
+    monkeypatch.setattr(writes, "open", FullDiskAt("step.pt"), raising=False)
     with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
         ckpt.save_checkpoint({"format": ckpt.FORMAT_VERSION, "w": torch.zeros(1000)}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["step.pt"]
@@ -527,8 +505,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary(monkeyp
 def test_full_disk_during_training_stops_cleanly_and_the_run_resumes_exactly(in_process, monkeypatch,
                                                                              reference, tmp_path):
     recipe, run_dir, _ = _new_run(tmp_path)
-    full = _FullDisk(fail_from_call=4)
-    monkeypatch.setattr(ckpt, "open", full, raising=False)
+    monkeypatch.setattr(writes, "open", FullDiskAt("step_*.pt", nth=3), raising=False)
     result = in_process("run", recipe, "--out", run_dir, "--quiet")
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert "No space left on device" in result.output and "resume" in result.output
@@ -539,3 +516,51 @@ def test_full_disk_during_training_stops_cleanly_and_the_run_resumes_exactly(in_
     result = in_process("run", "--resume", run_dir, "--quiet")
     assert result.exit_code == 0, result.output
     _assert_like_reference(run_dir, reference)
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp-*"))
+
+
+@pytest.mark.parametrize("name, nth", [("metrics.jsonl", 3), ("epoch_001.png", 1), ("curves.png", 1),
+                                       ("traversal.png", 1), ("summary.json", 1)])
+def test_full_disk_at_each_file_a_run_writes_stops_cleanly_and_the_run_resumes_exactly(
+        in_process, monkeypatch, reference, tmp_path, name, nth):
+    recipe, run_dir, _ = _new_run(tmp_path)
+    full = FullDiskAt(name, nth=nth)
+    monkeypatch.setattr(writes, "open", full, raising=False)
+    result = in_process("run", recipe, "--out", run_dir, "--quiet")
+    assert full.hits == 1, f"{name} was never written"
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert f"Could not write {run_dir}" in message and name.replace("*", "") in message, message
+    assert "No space left on device" in message and "free on that disk" in message and "resume" in message, message
+    assert _temporaries(run_dir) == []
+    _rows(run_dir)  # every metrics line whole: a failed append is cut back off
+    _check_checkpoints_loadable(run_dir)
+    monkeypatch.undo()  # space freed
+    monkeypatch.syspath_prepend(str(TESTS))
+    result = in_process("run", "--resume", run_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    _assert_like_reference(run_dir, reference)
+    assert _temporaries(run_dir) == []
+
+
+@pytest.mark.parametrize("command, name", [("eval", "eval.json"), ("probe", "probe.json"), ("probe", "probe.png")])
+def test_full_disk_at_eval_and_probe_outputs_leaves_the_previous_file_and_no_temporary(
+        in_process, monkeypatch, reference, tmp_path, command, name):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    options = ["--metrics", "acc", "--num-images", "10"] if command == "eval" else ["--n", "10"]
+    assert in_process(command, run_dir, *options).exit_code == 0
+    before = (run_dir / name).read_bytes()
+    monkeypatch.setattr(writes, "open", FullDiskAt(name), raising=False)
+    result = in_process(command, run_dir, *options)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    message = " ".join(result.output.split())
+    assert f"Could not write {run_dir / name}: No space left on device" in message, message
+    assert "The previous version of the file is intact" in message
+    assert (run_dir / name).read_bytes() == before and _temporaries(run_dir) == []

@@ -24,6 +24,7 @@ import numpy as np
 from capsgan_toolkit.compare import stats
 from capsgan_toolkit.compare.collect import RunRecord
 from capsgan_toolkit.compare.report import arm_labels, cell, diff_cell, fmt
+from capsgan_toolkit.rundir import writes
 
 GATE_KEYS = ("gate_warmup", "gate_generator", "gate_discriminator")
 _TRAIN_SKIP = {"epoch", "step", "images_per_s", "skipped_steps", "batch_acc", *GATE_KEYS}
@@ -494,8 +495,7 @@ def render_html(report: dict[str, Any], arms: dict[str, list[RunRecord]]) -> str
 
 
 def write_html(report: dict[str, Any], arms: dict[str, list[RunRecord]], path: Path) -> Path:
-    path.write_text(render_html(report, arms), encoding="utf-8")
-    return path
+    return writes.write_text(path, render_html(report, arms))
 
 
 __all__ = ["render_html", "write_html", "fmt"]

@@ -26,6 +26,7 @@ from capsgan_toolkit.compare import headline, probe_section, stats
 from capsgan_toolkit.compare.collect import COST_PROTOCOL, RunRecord
 from capsgan_toolkit.compare.fairness import Fairness, display_rows
 from capsgan_toolkit.compare.spec import DEFAULT_KEY_METRICS
+from capsgan_toolkit.rundir import writes
 
 SCHEMA = 2
 FEW_SEEDS_NOTE = (
@@ -252,10 +253,7 @@ def _verdict(entry: dict, cmp: dict, p_holm: float | None, family: int) -> str:
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return writes.write_json(path, report)
 
 
 # ------------------------------------------------------------------ formatting
@@ -461,8 +459,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
     for arm in report["arms"]:
         out.append(f"- **{arm['label']}** ({', '.join(arm['devices'])}): "
                    + ", ".join(f"seed {r['seed']} `{r['run_dir']}`" for r in arm["runs"]))
-    path.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return path
+    return writes.write_text(path, "\n".join(out) + "\n")
 
 
 # ------------------------------------------------------------------ the terminal

@@ -36,6 +36,7 @@ from capsgan_toolkit import __version__, catalogue
 from capsgan_toolkit.compare.collect import PROTOCOL_IGNORED, RunRecord
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.recipe.diff import flatten, matches_any
+from capsgan_toolkit.rundir import writes
 
 CACHE_FILE = "untrained_fid.json"
 """Where the measurements are kept, in the comparison folder."""
@@ -161,9 +162,7 @@ def _read_cache(path: Path | None) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, entries: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"schema": SCHEMA, "entries": entries}, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    writes.write_json(path, {"schema": SCHEMA, "entries": entries}, default=str)
 
 
 def references(arms: dict[str, list[RunRecord]], cache_dir: Path | None = None, log=None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import re
 from pathlib import Path
@@ -22,23 +21,11 @@ import torch
 
 from capsgan_toolkit import __version__
 from capsgan_toolkit.errors import CheckpointError
+from capsgan_toolkit.rundir import writes
 
 MAGIC = b"CAPSGAN-CKPT 1\n"
 FORMAT_VERSION = 1
 _PERIODIC_RE = re.compile(r"^step_(\d{9})\.pt$")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some file systems do not allow opening folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -56,33 +43,15 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             ``path`` is left untouched and no temporary file remains.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(MAGIC)
-            fh.write(digest + b"\n")
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        # Also on KeyboardInterrupt (a second Ctrl-C mid-write): leave no partial file behind.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if not isinstance(exc, OSError):
-            raise
-        raise CheckpointError(
-            f"Could not write checkpoint {path}: {exc.strerror or exc}. The previous checkpoint "
-            "is intact. Free disk space (or choose another --out) and resume."
-        ) from None
+    with writes.replacing(path, durable=True, error=CheckpointError, kept="The previous checkpoint is intact.",
+                          advice="Free disk space (or choose another --out) and resume.") as fh:
+        fh.write(MAGIC)
+        fh.write(digest + b"\n")
+        fh.write(payload)
     return path
 
 

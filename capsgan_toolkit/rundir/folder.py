@@ -32,6 +32,7 @@ from capsgan_toolkit.recipe.diff import RESUMABLE, recipe_diff
 from capsgan_toolkit.recipe.schema import ResolvedRecipe
 from capsgan_toolkit.recipe.toml_io import dumps_toml
 from capsgan_toolkit.rundir import checkpoint as ckpt
+from capsgan_toolkit.rundir import writes
 from capsgan_toolkit.rundir.lock import LOCK_NAME, RunLock
 
 _RECIPE_HEADER = "# Resolved from "
@@ -39,10 +40,7 @@ _RECIPE_HEADER = "# Resolved from "
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return writes.write_json(path, data)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -174,7 +172,7 @@ class RunDir:
     def write_recipe(self, resolved: ResolvedRecipe) -> Path:
         """Write the resolved recipe (every default filled in)."""
         header = f"{_RECIPE_HEADER}{resolved.source}; every default filled in.\n"
-        self.recipe_file.write_text(header + dumps_toml(resolved.to_dict()) + "\n", encoding="utf-8")
+        writes.write_text(self.recipe_file, header + dumps_toml(resolved.to_dict()) + "\n")
         return self.recipe_file
 
     def discard_unstarted(self) -> None:

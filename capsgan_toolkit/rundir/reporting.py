@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from capsgan_toolkit.rundir import writes
 
 
 class MetricsLog:
@@ -19,11 +20,7 @@ class MetricsLog:
         self.path = Path(path)
 
     def append(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, sort_keys=True, allow_nan=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        writes.append_text(self.path, json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
 
     def truncate_after(self, step: int, epoch: int | None = None) -> None:
         """Drop rows logged after ``step`` (used on resume: they will be logged again).
@@ -37,13 +34,8 @@ class MetricsLog:
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step
                 and (epoch is None or r.get("kind") in ("train", "event") or r.get("epoch", -1) < epoch)]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in kept:
-                fh.write(json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        writes.write_text(self.path, "".join(json.dumps(row, sort_keys=True, allow_nan=True) + "\n" for row in kept),
+                          durable=True)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -77,10 +69,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
     array = grid.permute(1, 2, 0).numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
+    image = Image.fromarray(array)
+    return writes.write_rendered(path, lambda fh: image.save(fh, format="PNG"))
 
 
 def save_class_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path, *, min_cell: int = 64) -> Path:
@@ -107,10 +97,7 @@ def save_class_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path, *, m
         y = i * (cell + pad)
         canvas.paste(tile, (label_w, y))
         draw.text((4, y + cell // 2 - 5), label, fill=(0, 0, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return writes.write_rendered(path, lambda fh: canvas.save(fh, format="PNG"))
 
 
 def save_pairs(real: torch.Tensor, recon: torch.Tensor, path: str | Path, *, min_cell: int = 0) -> Path:
@@ -206,12 +193,10 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return writes.write_rendered(path, lambda fh: fig.savefig(fh, format="png", dpi=90))
+    finally:
+        plt.close(fig)
 
 
 @torch.no_grad()

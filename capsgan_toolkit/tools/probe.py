@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from capsgan_toolkit.data import class_balanced_indices, split_labels
+from capsgan_toolkit.rundir import writes
 
 
 def _affine(images: torch.Tensor, degrees: float = 0.0, dx: float = 0.0, dy: float = 0.0) -> torch.Tensor:
@@ -170,7 +171,6 @@ def write_probe(run_dir, *, n: int = 1000, checkpoint: str | None = None, device
 
 
 def _write_probe(run_dir, *, n: int, checkpoint: str | None, device: str | None) -> dict[str, Any]:
-    import json
 
     from capsgan_toolkit.api import load_trained
     from capsgan_toolkit.rundir.reporting import save_class_rows
@@ -181,8 +181,6 @@ def _write_probe(run_dir, *, n: int, checkpoint: str | None, device: str | None)
     result = {"checkpoint": str(run.checkpoint), "step": run.step, "weights": run.weights, "n": n,
               "images": rows[0]["images"], "columns": {k: v for k, v in COLUMNS.items() if k not in skipped},
               "skipped": skipped, "rows": rows}
-    tmp = run.rd.probe_file.with_name(run.rd.probe_file.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(run.rd.probe_file)
+    writes.write_json(run.rd.probe_file, result)
     save_class_rows(picture_rows(run, rows), run.rd.probe_picture_file)
     return result

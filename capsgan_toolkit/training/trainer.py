@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from capsgan_toolkit.data import batch_loader
-from capsgan_toolkit.errors import Interrupted
+from capsgan_toolkit.errors import Interrupted, WriteError
 from capsgan_toolkit.evaluation.flops import parts_flops_per_image
 from capsgan_toolkit.interfaces import TrainState
 from capsgan_toolkit.plugin.events import EpochEnd, RunEnd, RunStart, emit
@@ -159,7 +159,19 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end of the recipe (or its step/minute budget); return the run summary."""
+        """Train to the end of the recipe (or its step/minute budget); return the run summary.
+
+        Raises:
+            WriteError: a file of the run could not be written (a full disk); the run resumes from its
+                last checkpoint once there is room.
+        """
+        try:
+            return self._fit()
+        except WriteError as exc:
+            raise WriteError(exc.message, hint=f"Free some disk space, then resume: capsgan run --resume "
+                                               f"{self.rd.path} (it continues from its last checkpoint).") from None
+
+    def _fit(self) -> dict[str, Any]:
         run, pos = self.recipe.run, self.pos
         self.signals.install()
         emit(self.plugins.manager, RunStart(self.rd.path, self.resolved.to_dict(), self.resumed, pos.epoch, pos.step))
