@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,10 +58,12 @@ class _RecipeFile:
     data: dict[str, Any]
     applied: dict[str, str]
 
+    received: bool = False  # the recipe saved in a run folder, not the user's own: see load_plugins(received_from=)
+
     @classmethod
-    def read(cls, path: str | Path, sets=()) -> _RecipeFile:
+    def read(cls, path: str | Path, sets=(), *, received: bool = False) -> _RecipeFile:
         data = read_toml(path)
-        return cls(path, data, apply_overrides(data, list(sets)))
+        return cls(path, data, apply_overrides(data, list(sets)), received)
 
     @property
     def device(self) -> str:
@@ -76,7 +78,7 @@ class _RecipeFile:
         extra = run.get("plugins", []) if isinstance(run, dict) else []
         if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
             raise RecipeError(f"{self.path}: run.plugins must be a list of module names, got {extra!r}.")
-        plugins = load_plugins(extra, strict=strict_plugins)
+        plugins = load_plugins(extra, strict=strict_plugins, received_from=self.path if self.received else None)
         _report_plugins(plugins, warn)
         return plugins, resolve(self.data, plugins.registry, source=str(self.path), overrides=self.applied)
 
@@ -127,7 +129,7 @@ def train(recipe: str | Path | None = None, *, out: str | Path | None = None, se
         path = (recipe or resumed.recipe_file) if resumed is not None else recipe
         if path is None:
             raise CapsganError("Give a RECIPE to train, or --resume RUN_DIR to continue a run.")
-        recipe_in = _RecipeFile.read(path, sets)
+        recipe_in = _RecipeFile.read(path, sets, received=recipe is None)
     device = recipe_in.device if isinstance(recipe_in, _RecipeFile) else recipe_in[1].recipe.run.device
     dist = distributed.setup(device)  # torchrun: join the process group (else nothing)
     held = contextlib.ExitStack()  # the run folder's lock (rank 0), released when training ends
@@ -250,7 +252,7 @@ class LoadedRun:
 
 def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict[str, Any] | None = None,
                  sets=(), device: str | None = None, inception_weights: str | None = None,
-                 use_ema: bool = True) -> LoadedRun:
+                 use_ema: bool = True, trusted_plugins: Iterable[str] = ()) -> LoadedRun:
     """Rebuild a trained run from its folder for evaluation or sampling.
 
     Args:
@@ -261,6 +263,9 @@ def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict
         device: ``auto``/``cpu``/``cuda``/``mps`` (default: the recipe's run.device).
         inception_weights: a local Inception weights file; adds an ``inception`` extractor.
         use_ema: load the checkpoint's averaged weights (``[ema]``) instead of the trained ones, when it has them.
+        trusted_plugins: modules of the checkpoint's ``run.plugins`` that the caller's own recipe names too.
+            The others are imported from installed packages or ``PYTHONPATH`` only, never from the current
+            folder: a run folder someone sent does not run code by being opened.
     """
     rd = RunDir(run_dir)
     path = rd.checkpoint(checkpoint)
@@ -280,7 +285,7 @@ def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict
         from capsgan_toolkit.catalogue import add_inception
 
         data["eval"] = add_inception(section, str(inception_weights))
-    plugins = load_plugins(data.get("run", {}).get("plugins", []))
+    plugins = load_plugins(data.get("run", {}).get("plugins", []), received_from=path, trusted=trusted_plugins)
     resolved = resolve(data, plugins.registry, source=f"{path} (the run's recipe)", overrides=applied, training=False)
     target = pick_device(device or resolved.recipe.run.device)
     built = build(resolved, plugins, check=False)
@@ -302,21 +307,22 @@ def load_trained(run_dir, *, checkpoint: str | None = None, eval_overrides: dict
 
 def evaluate(run_dir, *, checkpoint: str | None = None, metrics: list[str] | None = None,
              num_images: int | None = None, sets=(), device: str | None = None, inception_weights: str | None = None,
-             out: str | Path | None = None, console=None) -> dict[str, Any]:
+             out: str | Path | None = None, console=None, trusted_plugins: Iterable[str] = ()) -> dict[str, Any]:
     """Evaluate a trained run with its recipe's ``[eval]`` protocol (or the overrides); write and return eval.json.
 
     Writing into the run folder (no ``out``), it holds the folder's lock throughout: refused at once
-    while another process writes the folder.
+    while another process writes the folder. ``trusted_plugins``: see :func:`load_trained`.
     """
     with contextlib.ExitStack() as held:
         if out is None and Path(run_dir).is_dir():  # a missing folder: load_trained says so
             held.enter_context(RunDir(run_dir).lock("evaluating"))
         return _evaluate(run_dir, checkpoint=checkpoint, metrics=metrics, num_images=num_images, sets=sets,
-                         device=device, inception_weights=inception_weights, out=out, console=console)
+                         device=device, inception_weights=inception_weights, out=out, console=console,
+                         trusted_plugins=trusted_plugins)
 
 
 def _evaluate(run_dir, *, checkpoint, metrics, num_images, sets, device, inception_weights, out,
-              console) -> dict[str, Any]:
+              console, trusted_plugins) -> dict[str, Any]:
     from capsgan_toolkit.evaluation.evaluator import preflight
 
     overrides: dict[str, Any] = {}
@@ -325,7 +331,7 @@ def _evaluate(run_dir, *, checkpoint, metrics, num_images, sets, device, incepti
     if num_images is not None:
         overrides["num_images"] = num_images
     run = load_trained(run_dir, checkpoint=checkpoint, eval_overrides=overrides, sets=tuple(sets), device=device,
-                       inception_weights=inception_weights)
+                       inception_weights=inception_weights, trusted_plugins=trusted_plugins)
     preflight(run.resolved, run.plugins.registry, run.built.info)  # missing weights fail before slow work
     if console is not None:
         console.print(f"Evaluating {run.checkpoint} (epoch {run.epoch}, step {run.step}) on {run.device}",

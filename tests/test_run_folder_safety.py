@@ -205,3 +205,54 @@ def test_a_compare_worker_dies_within_5s_of_its_parent_killed_and_its_run_resume
     assert "Stopped by SIGTERM" in log.read_text(), log.read_text()
     assert (run / "checkpoints" / "interrupt.pt").is_file()
     assert RunDir(run).check_resumable() is not None
+
+
+# ------------------------------------------------------------------ received run folders run no code
+
+_EVIL = textwrap.dedent("""
+    from pathlib import Path
+    Path(__file__).with_name("IMPORTED").write_text("the run folder's module ran")
+""")
+
+
+def _name_a_module_in(run: Path, module: str) -> None:
+    """Make the run's saved recipe (in every checkpoint and recipe.toml) name ``module`` in run.plugins."""
+    from capsgan_toolkit.recipe.toml_io import dumps_toml, read_toml
+    from capsgan_toolkit.rundir import checkpoint as ckpt
+
+    for path in (run / "checkpoints").glob("*.pt"):
+        state = ckpt.load_checkpoint(path)
+        state["recipe"]["run"]["plugins"] = [module]
+        ckpt.save_checkpoint(state, path)
+    recipe = read_toml(run / "recipe.toml")
+    recipe["run"]["plugins"] = [module]
+    (run / "recipe.toml").write_text(dumps_toml(recipe) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("command", [["eval", "."], ["sample", "."], ["probe", ".", "--n", "10"],
+                                     ["run", "--resume", "."]])
+def test_a_received_run_folder_does_not_import_a_module_it_carries(tiny_run, command):
+    _, run = tiny_run
+    (run / "evil_plugin.py").write_text(_EVIL, encoding="utf-8")
+    _name_a_module_in(run, "evil_plugin")
+    if command[0] == "run":
+        (run / "summary.json").unlink()  # unfinished: a resume reads the folder's recipe and its plugins
+    done = _capsgan(*command, cwd=run)  # python -m puts the current folder, the run folder, on sys.path
+    message = _one_line(done.stderr + done.stdout)
+    assert done.returncode == 2, message
+    assert not (run / "IMPORTED").exists(), "the module carried by the run folder was imported"
+    assert 'names plugin module "evil_plugin" (run.plugins), which is found only in the current folder' in message
+    assert str(run / "evil_plugin.py") in message and "PYTHONPATH" in message and "Traceback" not in message
+
+
+def test_a_module_the_user_puts_on_pythonpath_is_imported(tiny_run, tmp_path):
+    _, run = tiny_run
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "user_plugin.py").write_text(_EVIL, encoding="utf-8")
+    _name_a_module_in(run, "user_plugin")
+    done = subprocess.run([sys.executable, "-m", "capsgan_toolkit", "eval", str(run), "--metrics", "acc"],
+                          capture_output=True, text=True, env={**_env(), "PYTHONPATH": str(trusted)}, cwd=tmp_path,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (trusted / "IMPORTED").exists()

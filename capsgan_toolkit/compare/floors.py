@@ -87,7 +87,7 @@ class _Data:
         from capsgan_toolkit.step.augment import wrap_dataset
 
         extra = (recipe.get("run") or {}).get("plugins") or []
-        plugins = load_plugins(list(extra))
+        plugins = load_plugins(list(extra), received_from=source)
         resolved = resolve(copy.deepcopy(recipe), plugins.registry, source=source, training=False)
         self.dataset = wrap_dataset(create(plugins, resolved, "data"), resolved.recipe.augment, source)
         self.num_classes = int(self.dataset.info.num_classes)

@@ -150,11 +150,22 @@ def needs_probe(rd: RunDir, images: int | None) -> str | None:
     return "probe.json is from another checkpoint" if steps is not None and found.get("step") != steps else None
 
 
-def probe_run(run_dir: Path, images: int) -> None:
+def probe_run(run_dir: Path, images: int, trusted_plugins=()) -> None:
     """Probe one finished run (probe.json, probe.png), as ``capsgan probe RUN_DIR --n images`` does."""
     from capsgan_toolkit.tools import probe
 
-    probe.write_probe(run_dir, n=images)
+    probe.write_probe(run_dir, n=images, trusted_plugins=trusted_plugins)
+
+
+def recipe_modules(recipe: str | Path, sets=()) -> list[str]:
+    """The ``run.plugins`` modules of the user's own recipe (and ``--set``s): its runs may import them."""
+    from capsgan_toolkit.recipe.schema import apply_overrides
+    from capsgan_toolkit.recipe.toml_io import read_toml
+
+    data = read_toml(recipe)
+    apply_overrides(data, list(sets))
+    modules = (data.get("run") or {}).get("plugins") or []
+    return [m for m in modules if isinstance(m, str)] if isinstance(modules, list) else []
 
 
 class Runner:
@@ -269,10 +280,10 @@ class Runner:
                     api.train(job.recipe, out=job.path, sets=[*job.sets, *sets], resume=state == "unfinished")
                 if why := needs_evaluation(RunDir(job.path), job.desired):
                     progress.update(task, description=f"{job.name}: evaluating ({why})")
-                    api.evaluate(job.path, sets=self._eval_sets())
+                    api.evaluate(job.path, sets=self._eval_sets(), trusted_plugins=recipe_modules(job.recipe, job.sets))
                 if self.probe_images is not None and (why := needs_probe(RunDir(job.path), self.probe_images)):
                     progress.update(task, description=f"{job.name}: probing ({why})")
-                    probe_run(job.path, self.probe_images)
+                    probe_run(job.path, self.probe_images, recipe_modules(job.recipe, job.sets))
                 progress.advance(task)
                 self._say(f"  {job.name} done")
 
@@ -290,10 +301,12 @@ class Runner:
             if state != "finished":
                 steps.append({"action": "train", "recipe": str(job.recipe), "out": str(job.path),
                               "sets": [*job.sets, *sets], "resume": state == "unfinished"})
+            trusted = recipe_modules(job.recipe, job.sets)  # the spec's recipe is the user's own
             steps.append({"action": "evaluate", "run_dir": str(job.path), "sets": self._eval_sets(),
-                          "desired": job.desired})
+                          "desired": job.desired, "trusted_plugins": trusted})
             if self.probe_images is not None:
-                steps.append({"action": "probe", "run_dir": str(job.path), "images": self.probe_images})
+                steps.append({"action": "probe", "run_dir": str(job.path), "images": self.probe_images,
+                              "trusted_plugins": trusted})
             with open(log, "a", encoding="utf-8") as fh, self._lock:
                 # Its own session: a Ctrl-C reaches this process only, which passes one SIGINT on,
                 # so each worker checkpoints and stops (a second SIGINT would make it stop at once).

@@ -108,7 +108,7 @@ def measure(recipe: dict[str, Any], eval_table: dict[str, Any], source: str, log
     data = copy.deepcopy(recipe)
     data["eval"] = {**copy.deepcopy(eval_table), "metrics": ["gen_fid"]}
     data.pop("trained", None)
-    plugins = load_plugins(list((data.get("run") or {}).get("plugins") or []))
+    plugins = load_plugins(list((data.get("run") or {}).get("plugins") or []), received_from=source)
     resolved = resolve(data, plugins.registry, source=source, training=False)
     try:
         device = pick_device(resolved.recipe.run.device)

@@ -36,12 +36,12 @@ def main(argv: list[str]) -> int:
                 why = needs_evaluation(RunDir(step["run_dir"]), step["desired"])
                 if why:
                     print(f"evaluating {step['run_dir']} ({why})", flush=True)
-                    api.evaluate(step["run_dir"], sets=step["sets"])
+                    api.evaluate(step["run_dir"], sets=step["sets"], trusted_plugins=step.get("trusted_plugins", ()))
             elif step["action"] == "probe":
                 why = needs_probe(RunDir(step["run_dir"]), step["images"])
                 if why:
                     print(f"probing {step['run_dir']} ({why})", flush=True)
-                    probe_run(step["run_dir"], step["images"])
+                    probe_run(step["run_dir"], step["images"], step.get("trusted_plugins", ()))
             else:
                 raise ValueError(f"unknown worker action {step['action']!r}")
     except CapsganError as exc:

@@ -16,11 +16,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata as metadata
+import importlib.util
 import inspect
 import os
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 
 import pluggy
@@ -93,12 +97,59 @@ def _strict_from_env() -> bool:
     return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _implicit_entries() -> list[str]:
+    """The ``sys.path`` entries that stand for the current folder without the user naming it.
+
+    ``python -m``, ``python -c`` and the REPL put the current folder (``""`` or its path) first on
+    ``sys.path``; ``PYTHONPATH`` entries are the user's own choice and are kept.
+    """
+    cwd = os.path.realpath(os.getcwd())
+    explicit = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    return [entry for entry in sys.path
+            if os.path.realpath(entry or os.curdir) == cwd and os.path.realpath(entry or os.curdir) not in explicit]
+
+
+@contextmanager
+def _current_folder_off_path() -> Iterator[None]:
+    implicit = set(_implicit_entries())
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in sys.path if entry not in implicit]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _import_received(name: str, received_from: str) -> ModuleType:
+    """Import a module that a run folder's own recipe names, never from the current folder."""
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        with _current_folder_off_path():
+            return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not name.startswith(exc.name):
+            raise
+        found = importlib.util.find_spec(exc.name) if _implicit_entries() else None
+        if found is None:
+            raise
+        where = found.origin or ", ".join(found.submodule_search_locations or [])
+        raise PluginLoadError(
+            f'The recipe saved in {received_from} names plugin module "{name}" (run.plugins), which is found '
+            f"only in the current folder ({where}). A run folder does not import code from where it is opened: "
+            "if you trust the module, install its package (pip install) or put its folder on PYTHONPATH, then "
+            "run the command again."
+        ) from None
+
+
 def load_plugins(
     extra_modules: Iterable[str | ModuleType] = (),
     *,
     entry_points: bool = True,
     strict_extra: bool = True,
     strict: bool = False,
+    received_from: str | Path | None = None,
+    trusted: Iterable[str] = (),
 ) -> PluginSet:
     """Load every installed plugin, plus modules a recipe names explicitly.
 
@@ -111,6 +162,12 @@ def load_plugins(
             fails, rather than recording it as broken.
         strict: raise :class:`PluginError` listing every broken plugin and warning
             (also when the environment variable :data:`STRICT_ENV` is ``1``).
+        received_from: the run folder or checkpoint whose saved recipe names ``extra_modules``. Such
+            modules come from installed packages or the user's ``PYTHONPATH`` only, never from the
+            current folder (which ``python -m`` puts on ``sys.path``): a run folder someone sent
+            must not run code by being opened. Unset: the user's own recipe, imported normally.
+        trusted: modules the user's own recipe or command line names too: imported normally even
+            with ``received_from``.
 
     Returns:
         A :class:`PluginSet`.
@@ -128,7 +185,14 @@ def load_plugins(
             registry.preferred.add(name)
             continue
         try:
-            module = importlib.import_module(item) if isinstance(item, str) else item
+            if not isinstance(item, str):
+                module = item
+            elif received_from is not None and item not in set(trusted):
+                module = _import_received(item, str(received_from))
+            else:
+                module = importlib.import_module(item)
+        except PluginLoadError:
+            raise
         except Exception as exc:
             if strict_extra:
                 raise PluginLoadError(

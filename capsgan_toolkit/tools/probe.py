@@ -155,27 +155,28 @@ def picture_rows(run, rows: list[dict[str, Any]], count: int = 8) -> list[tuple[
     return out
 
 
-def write_probe(run_dir, *, n: int = 1000, checkpoint: str | None = None, device: str | None = None) -> dict[str, Any]:
+def write_probe(run_dir, *, n: int = 1000, checkpoint: str | None = None, device: str | None = None,
+                trusted_plugins=()) -> dict[str, Any]:
     """Load a trained run, probe it, write probe.json and probe.png into its folder; return probe.json's content.
 
     Holds the folder's lock throughout: refused at once while another process writes the folder.
+    ``trusted_plugins``: see :func:`capsgan_toolkit.api.load_trained`.
     """
     from pathlib import Path
 
     from capsgan_toolkit.rundir.folder import RunDir
 
     if not Path(run_dir).is_dir():  # load_trained says what is missing
-        return _write_probe(run_dir, n=n, checkpoint=checkpoint, device=device)
+        return _write_probe(run_dir, n=n, checkpoint=checkpoint, device=device, trusted_plugins=trusted_plugins)
     with RunDir(run_dir).lock("probing"):
-        return _write_probe(run_dir, n=n, checkpoint=checkpoint, device=device)
+        return _write_probe(run_dir, n=n, checkpoint=checkpoint, device=device, trusted_plugins=trusted_plugins)
 
 
-def _write_probe(run_dir, *, n: int, checkpoint: str | None, device: str | None) -> dict[str, Any]:
-
+def _write_probe(run_dir, *, n: int, checkpoint: str | None, device: str | None, trusted_plugins) -> dict[str, Any]:
     from capsgan_toolkit.api import load_trained
     from capsgan_toolkit.rundir.reporting import save_class_rows
 
-    run = load_trained(run_dir, checkpoint=checkpoint, device=device)
+    run = load_trained(run_dir, checkpoint=checkpoint, device=device, trusted_plugins=trusted_plugins)
     rows = probe(run, n=n)
     skipped = unmeasured(run)
     result = {"checkpoint": str(run.checkpoint), "step": run.step, "weights": run.weights, "n": n,
