@@ -453,6 +453,27 @@ def test_nan_loss_stops_with_loss_step_and_component_named_and_keeps_the_checkpo
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
 
 
+def test_a_model_whose_output_turns_nan_is_named_not_only_the_loss_it_reaches(in_process, tmp_path):
+    # A third-party encoder whose capsules turn NaN at step 3: the first loss to see it is whichever the
+    # objective checks first, but the message must lead the user to the encoder.
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["run"].update(plugins=[FAULTS], eval_batches=1)
+    recipe["encoder"] = {**recipe["encoder"], "plugin": "nan_cnn_at_step", "at_steps": [3]}
+    recipe["gate"] = {"plugin": "always"}
+    run_dir = tmp_path / "run"
+    result = in_process("run", write_toml(tmp_path / "nan_encoder.toml", recipe), "--out", run_dir, "--quiet")
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert "Step 3 " in text and "NaN or Inf" in text
+    assert 'It started in the encoder ([encoder] plugin "nan_cnn_at_step"): the first model whose output' in text
+
+
+def test_a_loss_that_turns_nan_by_itself_names_no_model(in_process, tmp_path):
+    result = in_process("run", _nan_recipe(tmp_path, [2]), "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 3, result.output
+    assert "It started in" not in result.output  # every model's output was finite: the loss is the culprit
+
+
 def test_nan_loss_with_on_nan_skip_skips_and_counts_the_steps(in_process, tmp_path):
     recipe = _nan_recipe(tmp_path, [2, 4], on_nan="skip", epochs=1, steps_per_epoch=4)
     run_dir = tmp_path / "run"

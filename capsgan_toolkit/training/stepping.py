@@ -23,6 +23,52 @@ TERMS = {"classification": ("classification", "encoder"), "reconstruction": ("re
          "adversarial": ("adversarial", "generator"), "discriminator": ("adversarial", "discriminator")}
 
 
+def _all_finite(output: Any) -> torch.Tensor | None:
+    """One device boolean: whether every floating tensor in ``output`` (tensor, tuple, list, dict) is finite."""
+    if isinstance(output, torch.Tensor):
+        return torch.isfinite(output.detach()).all() if output.is_floating_point() else None
+    parts = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    flags = [f for f in (_all_finite(p) for p in parts) if f is not None]
+    return torch.stack(flags).all() if flags else None
+
+
+class OutputWatch:
+    """Remembers, per step, whether each model's output was finite, in the order the models ran.
+
+    A forward hook on each model (encoder, generator, discriminator) keeps one device boolean per
+    call (no host synchronisation); they are read only when a loss turned out NaN or Inf, so the
+    message can name the model where the NaN started rather than the loss it reached. Forwards
+    recorded inside a CUDA graph capture are left out (the replay runs no hooks).
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.flags: list[tuple[str, torch.Tensor]] = []
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+
+    def _hook(self, name: str):
+        def record(module, inputs, output) -> None:
+            if not torch.is_grad_enabled() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                return  # evaluation forwards, and graph captures, do not count
+            flag = _all_finite(output)
+            if flag is not None:
+                self.flags.append((name, flag))
+        return record
+
+    def clear(self) -> None:
+        self.flags.clear()
+
+    def first_not_finite(self) -> str | None:
+        """The model whose output was first not finite since the step began (``None``: every output was finite)."""
+        if not self.flags:
+            return None
+        finite = torch.stack([flag.to(self.flags[0][1].device) for _, flag in self.flags]).tolist()
+        return next((name for (name, _), ok in zip(self.flags, finite) if not ok), None)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class Optimizers:
     """One Adam optimizer and schedule per optimizer name of the objective (those with parameters).
 
@@ -47,6 +93,7 @@ class Optimizers:
         self.modules, self.pos, self.checkpoints_dir = modules, pos, checkpoints_dir
         self.step_skipped = False
         self.dist = dist if dist is not None else distributed.current()
+        self.outputs = OutputWatch(modules)
 
     def update(self, optimizer: str, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
         """Check ``terms``, back-propagate ``loss``, clip, check the gradients and step ``optimizer``."""
@@ -76,6 +123,7 @@ class Optimizers:
             for sched in self.schedulers.values():
                 sched.step()
         self.step_skipped = False
+        self.outputs.clear()
 
     def learning_rates(self) -> dict[str, float]:
         return {f"lr_{name}": sched.get_last_lr()[0] for name, sched in self.schedulers.items()}
@@ -109,9 +157,16 @@ class Optimizers:
             return False
         last = ckpt.latest(self.checkpoints_dir)
         kept = f"the last good checkpoint, {last}, is intact" if last is not None else "no checkpoint had been written yet"
+        first = self.outputs.first_not_finite()
+        origin = ""
+        if first is not None:
+            spec = getattr(self.recipe, first, None)
+            plugin = f' ([{first}] plugin "{spec.plugin}")' if getattr(spec, "plugin", None) else ""
+            origin = (f" It started in the {first}{plugin}: the first model whose output was NaN or Inf in this "
+                      "step; look there first.")
         raise NumericalError(
             f"Step {self.pos.step + 1} (epoch {self.pos.epoch}, as numbered in metrics.jsonl): {what} "
-            f"{', '.join(self._describe(n, what) for n in bad)} is NaN or Inf. Training stopped; {kept}. "
+            f"{', '.join(self._describe(n, what) for n in bad)} is NaN or Inf.{origin} Training stopped; {kept}. "
             'Lower the learning rate, set clip_norm in [optim.<name>], or set run.on_nan = "skip" to skip such steps.')
 
     def _describe(self, name: str, what: str) -> str:
