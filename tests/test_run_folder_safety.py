@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import TINY_RECIPE, invoke, write_toml
 
 from capsgan_toolkit.rundir.folder import RunDir
@@ -69,7 +70,8 @@ def test_a_second_writer_is_refused_while_another_process_holds_the_lock(tiny_ru
     before = _snapshot(run)
     with RunDir(run).lock("holding it for a test"):  # a live writer: this process
         for args in (["run", "--resume", run, "--set", "run.epochs=3", "--quiet"],
-                     ["run", recipe, "--out", run, "--overwrite", "--quiet"]):
+                     ["run", recipe, "--out", run, "--overwrite", "--quiet"],
+                     ["eval", run, "--metrics", "acc"], ["probe", run, "--n", "10"], ["sample", run, "--n", "4"]):
             done = _capsgan(*args, cwd=tmp_path)
             message = _one_line(done.stderr)
             assert done.returncode == 2, done.stderr
@@ -256,3 +258,83 @@ def test_a_module_the_user_puts_on_pythonpath_is_imported(tiny_run, tmp_path):
                           timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (trusted / "IMPORTED").exists()
+
+
+# ------------------------------------------------------------------ a real capsgan compare, killed
+
+_KILL_SPEC = """
+title = "killed and re-run"
+baseline = "a"
+seeds = 1
+[budget]
+epochs = 2
+[eval]
+metrics = ["acc"]
+num_images = 32
+[[arms]]
+label = "a"
+recipe = "long.toml"
+[[arms]]
+label = "b"
+recipe = "long.toml"
+set = ["encoder.channels=12"]
+"""
+
+
+def _lock_holder(folder: Path) -> int | None:
+    try:
+        return json.loads((folder / ".lock").read_text(encoding="utf-8"))["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_compare_leaves_no_worker_and_its_re_run_resumes_exactly(tmp_path, signum):
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["run"]["steps_per_epoch"] = 0  # whole epochs of 2000 images: long enough to be stopped mid-epoch
+    recipe["data"]["num_train"] = 2000
+    write_toml(tmp_path / "long.toml", recipe)
+    (tmp_path / "spec.toml").write_text(_KILL_SPEC, encoding="utf-8")
+    out, run = tmp_path / "cmp", tmp_path / "cmp" / "runs" / "a" / "seed-0"
+    args = [sys.executable, "-m", "capsgan_toolkit", "compare", "spec.toml", "--out", str(out), "--quiet"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                             cwd=tmp_path)
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").is_file() and (worker := _lock_holder(run))):
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+            time.sleep(0.1)
+        if signum == signal.SIGTERM:  # meanwhile a second comparison on the same folder is refused at once
+            second = _capsgan("compare", "spec.toml", "--out", out, "--quiet", cwd=tmp_path)
+            message = _one_line(second.stdout + second.stderr)
+            assert second.returncode == 2, message
+            assert f"The comparison folder {out} is in use: process {first.pid}" in message, message
+        first.send_signal(signum)
+        sent = time.monotonic()
+        while _alive(worker) and time.monotonic() - sent < 5:
+            time.sleep(0.05)
+        assert not _alive(worker), "a compare worker outlived its killed parent by 5 s"
+        first.wait(timeout=60)
+    finally:
+        for pid in (first.pid, worker):
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert (run / "checkpoints" / "interrupt.pt").is_file()  # the worker stopped after its step, checkpointed
+
+    again = _capsgan("compare", "spec.toml", "--out", out, "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "training " + str(run) + " (resume=True)" in (out / "logs" / "a-seed-0.log").read_text()
+    steps = _train_rows(run)
+    total = json.loads((run / "summary.json").read_text(encoding="utf-8"))["steps"]
+    assert steps == list(range(1, total + 1)), "metrics rows repeated or missing after the resume"
+    reference = tmp_path / "reference"  # the same recipe, never interrupted
+    assert invoke("run", run / "recipe.toml", "--out", reference, "--quiet").exit_code == 0
+    from capsgan_toolkit.rundir import checkpoint as ckpt
+
+    resumed = ckpt.load_checkpoint(run / "checkpoints" / "final.pt")["models"]
+    straight = ckpt.load_checkpoint(reference / "checkpoints" / "final.pt")["models"]
+    for model, tensors in straight.items():
+        for key, tensor in tensors.items():
+            assert torch.equal(resumed[model][key], tensor), f"{model}.{key} differs after the resume"

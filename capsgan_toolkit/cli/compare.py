@@ -11,6 +11,7 @@ the capsule-vs-CNN question first: which arm is better, at what Holm-adjusted co
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -61,10 +62,12 @@ def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jo
             loaded.spec.baseline = baseline
         arms = loaded.spec.selected(tuple(arm_labels), with_optional)
         device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
-        runner = Runner(loaded, Path(out) if out else Path("compare") / first.stem, arms=arms, allow=list(allow),
-                        jobs=jobs, devices=device_list, part=parse_shard(shard), console=console,
-                        in_process=in_process)
-        runner.run()
+        folder = Path(out) if out else Path("compare") / first.stem
+        runner = Runner(loaded, folder, arms=arms, allow=list(allow), jobs=jobs, devices=device_list,
+                        part=parse_shard(shard), console=console, in_process=in_process)
+        # One comparison writes a folder at a time; shards share theirs by design (each run keeps its own lock).
+        with contextlib.nullcontext() if shard else _folder_lock(folder):
+            runner.run()
         return
     if any(Path(s).suffix == ".toml" for s in sources if not Path(s).is_dir()):
         raise CompareError("Give either one comparison spec (a .toml file) or run folders, not both.")
@@ -72,5 +75,14 @@ def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jo
                         ("--devices", devices), ("--jobs", jobs > 1)):
         if value:
             raise CompareError(f"{name} applies to a comparison spec, not to existing run folders.")
-    compare_runs(list(sources), Path(out) if out else Path("compare") / "report", baseline=baseline,
-                 allow=list(allow), console=console)
+    folder = Path(out) if out else Path("compare") / "report"
+    with _folder_lock(folder):
+        compare_runs(list(sources), folder, baseline=baseline, allow=list(allow), console=console)
+
+
+def _folder_lock(folder: Path):
+    """The comparison folder's exclusive lock: a second comparison writing it is refused at once."""
+    from capsgan_toolkit.rundir.lock import RunLock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return RunLock(folder, "comparing", kind="comparison folder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -85,11 +86,14 @@ def _ceiling_lines(metrics: dict[str, float]) -> list[str]:
 def sample_command(run_dir, n, class_index, span, steps, seed, checkpoint, device, sets, out):
     """Write grids of new samples, reconstructions and capsule traversals of a trained run."""
     from capsgan_toolkit.api import load_trained
+    from capsgan_toolkit.rundir.folder import RunDir
     from capsgan_toolkit.tools.sampling import write_samples
 
     run = load_trained(run_dir, checkpoint=checkpoint, sets=tuple(sets), device=device)
     folder = Path(out) if out else Path(run.run_dir) / "samples" / "sample"
-    paths = write_samples(run, folder, n=n, class_index=class_index, span=span, steps=steps, seed=seed)
+    inside = folder.resolve().is_relative_to(Path(run.run_dir).resolve())
+    with RunDir(run.run_dir).lock("sampling") if inside else contextlib.nullcontext():  # writes into the run folder
+        paths = write_samples(run, folder, n=n, class_index=class_index, span=span, steps=steps, seed=seed)
     how = getattr(run.objective, "generation_description", None) if run.objective.has_generation else None
     if how:
         console.print(f"new samples: {how}", highlight=False)

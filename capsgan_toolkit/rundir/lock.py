@@ -83,12 +83,14 @@ class RunLock:
     Args:
         folder: the run folder; it must exist.
         action: what the holder does there ("training", "evaluating", ...), written for a refused writer to read.
+        kind: what the folder is, in messages ("run folder", "comparison folder").
     """
 
-    def __init__(self, folder: str | Path, action: str):
+    def __init__(self, folder: str | Path, action: str, *, kind: str = "run folder"):
         self.folder = Path(folder)
         self.file = self.folder / LOCK_NAME
         self.action = action
+        self.kind = kind
         self._acquired = 0
 
     def __repr__(self) -> str:
@@ -116,7 +118,7 @@ class RunLock:
             self._acquired += 1
             return self
         if not self.folder.is_dir():
-            raise RunFolderError(f"{self.folder} is not a run folder (no such folder).")
+            raise RunFolderError(f"{self.folder} is not a {self.kind} (no such folder).")
         fd = self._lock_fcntl() if fcntl is not None else self._lock_exclusive_file()
         record = {"pid": os.getpid(), "command": command_line(), "action": self.action,
                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -162,7 +164,7 @@ class RunLock:
             try:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # the folder was deleted meanwhile
-                raise RunFolderError(f"{self.folder} is not a run folder (no such folder).") from None
+                raise RunFolderError(f"{self.folder} is not a {self.kind} (no such folder).") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -196,11 +198,12 @@ class RunLock:
         if command:
             who += f" (`{command}`" + (f", {action}" if action else "") + (
                 f" since {holder['since']}" if holder.get("since") else "") + ")"
-        stop = f"stop it (kill {pid} stops a training run after its current step, keeping its checkpoint)" \
-            if pid is not None else "stop it"
+        stopped = "a comparison and its workers after their current steps, keeping their checkpoints" \
+            if self.kind == "comparison folder" else "a training run after its current step, keeping its checkpoint"
+        stop = f"stop it (kill {pid} stops {stopped})" if pid is not None else "stop it"
         extra = (f" If no capsgan process works there any more, delete {self.file}."
                  if stale_hint and fcntl is None else "")
         return RunFolderError(
-            f"The run folder {self.folder} is in use: {who} is writing it. Only one process may write a run "
-            f"folder at a time, so nothing in it was changed. Wait for that process to finish or {stop}, then "
+            f"The {self.kind} {self.folder} is in use: {who} is writing it. Only one process may write a "
+            f"{self.kind} at a time, so nothing in it was changed. Wait for that process to finish or {stop}, then "
             f"run this command again; or choose another folder with --out.{extra}")
