@@ -124,6 +124,15 @@ class Objective:
         """Return reconstructions of ``images`` (only when :attr:`has_reconstruction`)."""
         raise NotImplementedError(f"{type(self).__name__} reconstructs nothing")
 
+    def classify_and_reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Return ``(classify(images), reconstruct(images))``, ``None`` for what the objective cannot give.
+
+        Evaluation that needs both calls this; an objective whose two share work (one encoder
+        pass) overrides it to do that work once.
+        """
+        return (self.classify(images) if self.has_classifier else None,
+                self.reconstruct(images) if self.has_reconstruction else None)
+
     def prepare_generation(self, train_split, *, limit: int, seed: int, batch_size: int,
                            device: torch.device, progress: Callable | None = None, prior: str | None = None,
                            prior_components: int | None = None) -> None:

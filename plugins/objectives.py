@@ -359,6 +359,10 @@ class ReconstructionGAN(Objective):
     def reconstruct(self, images):
         return self.p.generator(self.p.encoder.to_latent(self.p.encoder(images)))
 
+    def classify_and_reconstruct(self, images):
+        capsules = self.p.encoder(images)  # one encoder pass for both
+        return self.p.encoder.class_scores(capsules), self.p.generator(self.p.encoder.to_latent(capsules))
+
     def prepare_generation(self, train_split, *, limit, seed, batch_size, device, progress=None, prior=None,
                            prior_components=None):
         """Fit the latent prior (``prior``, else ``objective.prior``, else ``gaussian``) on training images.

@@ -157,6 +157,23 @@ def test_pixel_metrics_match_float64_references():
     assert psnr(target, target).tolist() == pytest.approx([100.0, 100.0])
 
 
+def test_pixel_metrics_match_torchmetrics():
+    # The field's maintained implementation as a second reference: torchmetrics computes the SSIM map over
+    # the reflect-padded image (and, by default, averages all of it); over the valid region, which is the
+    # toolkit's definition, its map must give the toolkit's numbers.
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    torch.manual_seed(3)
+    target = torch.rand(4, 3, 32, 32) * 2 - 1
+    recon = (target + 0.25 * torch.randn_like(target)).clamp(-1, 1)
+    x, y = (recon.double() + 1) / 2, (target.double() + 1) / 2
+    _, full = structural_similarity_index_measure(x, y, gaussian_kernel=True, sigma=1.5, data_range=1.0, k1=0.01,
+                                                  k2=0.03, reduction="none", return_full_image=True)
+    assert ssim(recon, target).numpy() == pytest.approx(full[..., 5:-5, 5:-5].mean(dim=(1, 2, 3)).numpy(), abs=1e-12)
+    want = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    assert psnr(recon, target).numpy() == pytest.approx(want.numpy(), abs=1e-5)  # its data_range is float32
+
+
 # ------------------------------------------------------------------ latent prior
 
 

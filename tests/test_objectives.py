@@ -224,3 +224,16 @@ def test_the_contract_check_changes_no_weight_buffer_or_random_state(plugins):
         for key, value in module.state_dict().items():
             assert torch.equal(value, theirs[key]), f"{name}.{key} changed by the contract check"
         assert checked.modules()[name].training == module.training
+
+
+def test_classify_and_reconstruct_in_one_encoder_pass_equals_the_two_calls(plugins):
+    built = _built(plugins)
+    objective, encoder = built.objective.eval(), built.parts.encoder
+    images, _ = _batch()
+    calls = []
+    hook = encoder.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        scores, recon = objective.classify_and_reconstruct(images)
+        assert len(calls) == 1  # the encoder ran once for both
+        assert torch.equal(scores, objective.classify(images)) and torch.equal(recon, objective.reconstruct(images))
+    hook.remove()

@@ -12,6 +12,7 @@ import torch
 from helpers import TINY_RECIPE, invoke, write_toml
 from PIL import Image
 
+from capsgan_toolkit.objective import Objective
 from capsgan_toolkit.tools.probe import COLUMNS, PERTURBATIONS, _affine, _swap_quadrants, probe, unmeasured
 
 
@@ -53,6 +54,8 @@ class _Encoder:
 
 class _Objective:
     """Classifies by the encoder (class 1 when the image mean is positive); reconstructs with ``reconstruct``."""
+
+    classify_and_reconstruct = Objective.classify_and_reconstruct  # the interface's default: one call each
 
     def __init__(self, reconstruct=None, classifier=True):
         self.has_classifier, self.has_reconstruction = classifier, reconstruct is not None

@@ -94,10 +94,11 @@ class Monitor:
             if limit_batches and i >= limit_batches:
                 break
             images, labels = images.to(device), labels.to(device)
-            if obj.has_classifier:
-                correct += (obj.classify(images).argmax(1) == labels).sum().item()
-            if obj.has_reconstruction:
-                sq += recon_mse01(obj.reconstruct(images), images).sum().item()
+            scores, recon = obj.classify_and_reconstruct(images)
+            if scores is not None:
+                correct += (scores.argmax(1) == labels).sum().item()
+            if recon is not None:
+                sq += recon_mse01(recon, images).sum().item()
             total += labels.numel()
         out = {}
         if obj.has_classifier:
