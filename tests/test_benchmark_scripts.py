@@ -49,3 +49,23 @@ def test_bench_conv_paths_times_both_paths_of_each_convolution(tmp_path):
     for r in rows:
         gemm, library, ratio = float(r[-3]), float(r[-2]), float(r[-1])
         assert gemm > 0 and library > 0 and abs(ratio - library / gemm) <= 0.1 * ratio + 0.02  # times print rounded
+
+
+def test_compare_split_times_every_part_of_a_tiny_comparison(tmp_path):
+    import copy
+
+    from helpers import TINY_RECIPE, write_toml
+
+    write_toml(tmp_path / "tiny.toml", copy.deepcopy(TINY_RECIPE))
+    (tmp_path / "spec.toml").write_text(
+        'title = "split"\nbaseline = "a"\nseeds = 1\nprobe = true\nprobe_images = 20\n[budget]\nepochs = 2\n[eval]\nmetrics = ["acc", "rec"]\nnum_images = 16\n'
+        '[[arms]]\nlabel = "a"\nrecipe = "tiny.toml"\n[[arms]]\nlabel = "b"\nrecipe = "tiny.toml"\n'
+        'set = ["encoder.channels=12"]\n', encoding="utf-8")
+    out = _run(str(ROOT / "benchmarks" / "compare_split.py"), "spec.toml", "--out", str(tmp_path / "cmp"), "--cold",
+               cwd=tmp_path)
+    assert re.search(r"capsgan compare spec.toml: exit 0, \d+\.\d s; load before [\d.]+ [\d.]+ [\d.]+, after", out)
+    for run in ("a-seed-0", "b-seed-0"):  # every part of every worker was timed
+        parts = re.search(rf"{run}\s+([\d.]+)s\s+([\d.]+)s\s+([\d.]+)s\s+([\d.]+)s", out)
+        assert parts and all(float(v) > 0 for v in parts.groups()), out
+    assert re.search(r"everything but training: \d+% of the wall time", out), out
+    assert re.search(r"evaluation \+ probe per run: \d+% of training", out), out
