@@ -58,7 +58,8 @@ def test_compare_split_times_every_part_of_a_tiny_comparison(tmp_path):
 
     write_toml(tmp_path / "tiny.toml", copy.deepcopy(TINY_RECIPE))
     (tmp_path / "spec.toml").write_text(
-        'title = "split"\nbaseline = "a"\nseeds = 1\nprobe = true\nprobe_images = 20\n[budget]\nepochs = 2\n[eval]\nmetrics = ["acc", "rec"]\nnum_images = 16\n'
+        'title = "split"\nbaseline = "a"\nseeds = 1\nprobe = true\nprobe_images = 20\n[budget]\nepochs = 2\n'
+        '[eval]\nmetrics = ["acc", "rec"]\nnum_images = 16\n'
         '[[arms]]\nlabel = "a"\nrecipe = "tiny.toml"\n[[arms]]\nlabel = "b"\nrecipe = "tiny.toml"\n'
         'set = ["encoder.channels=12"]\n', encoding="utf-8")
     out = _run(str(ROOT / "benchmarks" / "compare_split.py"), "spec.toml", "--out", str(tmp_path / "cmp"), "--cold",

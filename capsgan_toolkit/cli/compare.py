@@ -12,6 +12,8 @@ the capsule-vs-CNN question first: which arm is better, at what Holm-adjusted co
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -38,13 +40,16 @@ from capsgan_toolkit.compare.spec import CompareError, load_spec
 @option("--jobs", type=click.IntRange(min=1), default=1, help="Runs at once (each run is its own worker process).")
 @option("--devices", default=None, metavar="D1,D2,...",
         help="Devices handed to the runs in turn: cpu, cuda, cuda:0, cuda:1, mps (default: each recipe's run.device).")
+@option("--executor", type=click.Choice(["slurm", "local"]), default=None,
+        help="Run each arm x seed as a submitit job: slurm (submit and return; the spec's [executor] table sets "
+             "partition, time, GPUs, CPUs, memory) or local (this machine, waiting for the jobs).")
 @option("--shard", default=None, metavar="K/N",
         help="Run only the K-th of N slices of the sorted grid (array jobs); no report until a plain re-run.")
 @option("--quiet", is_flag=True, default=False, help="No progress bar or table.")
 @click.option("--in-process", is_flag=True, default=False, hidden=True,
               help="Train in this process (tests, debugging); peak memory then accumulates over runs.")
 @friendly(aborted="finished runs and checkpoints are kept; run the same command again to continue.")
-def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jobs, devices, shard, quiet,
+def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jobs, devices, executor, shard, quiet,
                     in_process):
     """Compare arms under one budget, seeds and protocol: train (SPEC.toml) or read (RUN_DIRs), then report.
 
@@ -62,9 +67,20 @@ def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jo
             loaded.spec.baseline = baseline
         arms = loaded.spec.selected(tuple(arm_labels), with_optional)
         device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
+        if executor is not None:
+            for name, value in (("--shard", shard), ("--devices", devices), ("--jobs", jobs > 1),
+                                ("--in-process", in_process)):
+                if value:
+                    raise CompareError(f"{name} does not go with --executor (the executor places the jobs; its "
+                                       "resources come from the spec's [executor] table).")
         folder = Path(out) if out else Path("compare") / first.stem
+        submit = None
+        if executor is not None:
+            from capsgan_toolkit.compare import executor as executors
+
+            submit = functools.partial(executors.run_jobs, kind=executor)
         runner = Runner(loaded, folder, arms=arms, allow=list(allow), jobs=jobs, devices=device_list,
-                        part=parse_shard(shard), console=console, in_process=in_process)
+                        part=parse_shard(shard), console=console, in_process=in_process, submit=submit)
         # One comparison writes a folder at a time; shards share theirs by design (each run keeps its own lock).
         with contextlib.nullcontext() if shard else _folder_lock(folder):
             runner.run()
@@ -72,7 +88,7 @@ def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jo
     if any(Path(s).suffix == ".toml" for s in sources if not Path(s).is_dir()):
         raise CompareError("Give either one comparison spec (a .toml file) or run folders, not both.")
     for name, value in (("--arm", arm_labels), ("--with-optional", with_optional), ("--shard", shard),
-                        ("--devices", devices), ("--jobs", jobs > 1)):
+                        ("--devices", devices), ("--jobs", jobs > 1), ("--executor", executor)):
         if value:
             raise CompareError(f"{name} applies to a comparison spec, not to existing run folders.")
     folder = Path(out) if out else Path("compare") / "report"
@@ -80,9 +96,22 @@ def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jo
         compare_runs(list(sources), folder, baseline=baseline, allow=list(allow), console=console)
 
 
-def _folder_lock(folder: Path):
-    """The comparison folder's exclusive lock: a second comparison writing it is refused at once."""
-    from capsgan_toolkit.rundir.lock import RunLock
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the comparison folder's exclusive lock: a second comparison writing it is refused at once.
 
+    A folder made here is removed again if the comparison fails before writing anything into it.
+    """
+    import shutil
+
+    from capsgan_toolkit.rundir.lock import LOCK_NAME, RunLock
+
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    return RunLock(folder, "comparing", kind="comparison folder")
+    try:
+        with RunLock(folder, "comparing", kind="comparison folder"):
+            yield
+    except BaseException:
+        if made and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,12 +183,15 @@ class Runner:
         console: a rich console for progress and the report (``None``: quiet).
         in_process: train and evaluate in this process, one run after the other (for tests
             and debugging; peak memory then accumulates over the runs).
+        submit: ``submit(runner, todo)`` hands the runs with work left to an executor instead of
+            worker processes of this one, and returns whether they finished (then the report is
+            written) or only were submitted (:func:`capsgan_toolkit.compare.executor.run_jobs`).
     """
 
     def __init__(self, loaded: LoadedSpec, out: Path, *, arms: list[ArmSpec], allow: list[str], jobs: int = 1,
                  devices: list[str] | None = None, part: tuple[int, int] | None = None, console=None,
-                 in_process: bool = False):
-        self.in_process = in_process
+                 in_process: bool = False, submit: Callable[[Runner, list], bool] | None = None):
+        self.in_process, self.submit = in_process, submit
         self.loaded, self.out, self.arms = loaded, Path(out), arms
         self.allow = list(dict.fromkeys([*loaded.spec.allow_difference, *allow]))
         self.jobs, self.devices, self.part, self.console = max(1, jobs), list(devices or []), part, console
@@ -245,7 +249,10 @@ class Runner:
                   f"{len(self.mine) - len(todo)} done, {len(todo)} to do -> {self.out}")
         if todo:
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
-            if self.in_process:
+            if self.submit is not None:
+                if not self.submit(self, todo):
+                    return None  # submitted to a cluster: the report comes from a later plain run
+            elif self.in_process:
                 self._run_here(todo)
             else:
                 self._run_workers(todo)
@@ -287,8 +294,25 @@ class Runner:
                 progress.advance(task)
                 self._say(f"  {job.name} done")
 
+    def log_file(self, job: Job) -> Path:
+        return self.out / "logs" / f"{job.arm}-seed-{job.seed}.log"
+
+    def steps(self, job: Job, state: str, sets: list[str]) -> list[dict[str, Any]]:
+        """What one worker does for ``job`` (see :mod:`capsgan_toolkit.compare.worker`)."""
+        steps: list[dict[str, Any]] = []
+        if state != "finished":
+            steps.append({"action": "train", "recipe": str(job.recipe), "out": str(job.path),
+                          "sets": [*job.sets, *sets], "resume": state == "unfinished"})
+        trusted = recipe_modules(job.recipe, job.sets)  # the spec's recipe is the user's own
+        steps.append({"action": "evaluate", "run_dir": str(job.path), "sets": self._eval_sets(),
+                      "desired": job.desired, "trusted_plugins": trusted})
+        if self.probe_images is not None:
+            steps.append({"action": "probe", "run_dir": str(job.path), "images": self.probe_images,
+                          "trusted_plugins": trusted})
+        return steps
+
     def _worker(self, job: Job, state: str, devices: queue.Queue[str | None], progress, task) -> tuple[Job, int, Path]:
-        log = self.out / "logs" / f"{job.arm}-seed-{job.seed}.log"
+        log = self.log_file(job)
         if self._stopping.is_set():
             return job, 130, log
         device = devices.get()  # a free device: two runs never share one while another idles
@@ -297,16 +321,7 @@ class Runner:
                 return job, 130, log
             sets, env = device_setup(device, self.jobs)
             log.parent.mkdir(parents=True, exist_ok=True)
-            steps = []
-            if state != "finished":
-                steps.append({"action": "train", "recipe": str(job.recipe), "out": str(job.path),
-                              "sets": [*job.sets, *sets], "resume": state == "unfinished"})
-            trusted = recipe_modules(job.recipe, job.sets)  # the spec's recipe is the user's own
-            steps.append({"action": "evaluate", "run_dir": str(job.path), "sets": self._eval_sets(),
-                          "desired": job.desired, "trusted_plugins": trusted})
-            if self.probe_images is not None:
-                steps.append({"action": "probe", "run_dir": str(job.path), "images": self.probe_images,
-                              "trusted_plugins": trusted})
+            steps = self.steps(job, state, sets)
             with open(log, "a", encoding="utf-8") as fh, self._lock:
                 # Its own session: a Ctrl-C reaches this process only, which passes one SIGINT on,
                 # so each worker checkpoints and stops (a second SIGINT would make it stop at once).

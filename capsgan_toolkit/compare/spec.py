@@ -109,6 +109,20 @@ class BudgetSpec(_Strict):
         return f"{self.minutes:g} minutes of training"
 
 
+class ExecutorSpec(_Strict):
+    """Where ``capsgan compare --executor slurm|local`` runs each arm x seed (submitit's parameters)."""
+
+    partition: str = Field("", description="SLURM partition (empty: the cluster's default).")
+    minutes: int = Field(24 * 60, ge=1, description="Time limit of each job in minutes (one run, its evaluation "
+                                                    "and probe).")
+    gpus: int = Field(0, ge=0, description="GPUs per job.")
+    cpus: int = Field(4, ge=1, description="CPU cores per job.")
+    mem_gb: float | None = Field(None, gt=0, description="Memory per job in GiB (unset: the cluster's default).")
+    parallel: int = Field(32, ge=1, description="Jobs of the array running at once (SLURM's array throttle).")
+    setup: list[str] = Field(default_factory=list, description='Shell lines run before each SLURM job, e.g. '
+                                                              '"module load cuda".')
+
+
 class EvalSpec(_Strict):
     metrics: list[str] | None = Field(None, description="eval.metrics of every arm.")
     num_images: int | None = Field(None, ge=10, description="eval.num_images of every arm.")
@@ -164,6 +178,8 @@ class CompareSpec(_Strict):
     probe_images: int = Field(500, ge=10, description="Test images the probe uses (every class in turn).")
     allow_difference: list[str] = Field(
         default_factory=list, description="Recipe keys allowed to differ between arms (shown in red).")
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec,
+                                   description="Job parameters of `capsgan compare --executor slurm|local`.")
     arms: list[ArmSpec] = Field(min_length=2, description="The arms, each a recipe (and overrides).")
 
     @field_validator("set")
