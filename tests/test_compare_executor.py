@@ -68,3 +68,17 @@ def test_executor_refuses_options_that_place_runs_itself(tmp_path):
     result = CliRunner().invoke(compare_command, [str(spec), "--out", str(out), "--executor", "slurm", "--jobs", "2"])
     assert result.exit_code == 2 and "--jobs does not go with --executor" in result.output, result.output
     assert not out.exists()  # refused before anything was made
+
+
+def test_slurm_where_there_is_no_slurm_is_one_clear_message(tmp_path):
+    import shutil
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has SLURM")
+    write_toml(tmp_path / "tiny.toml", copy.deepcopy(TINY_RECIPE))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC, encoding="utf-8")
+    result = CliRunner().invoke(compare_command, [str(spec), "--out", str(tmp_path / "cmp"), "--executor", "slurm"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    message = " ".join(result.output.split())
+    assert "--executor slurm: submitit cannot use slurm here" in message and "--executor local" in message, message

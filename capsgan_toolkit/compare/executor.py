@@ -46,7 +46,11 @@ def _executor(runner, kind: str):
         raise CompareError(f"--executor {kind} needs submitit, which is not installed here: "
                            'pip install "capsgan-toolkit[cluster]" (or pip install submitit).') from None
     spec = runner.loaded.spec.executor
-    executor = submitit.AutoExecutor(folder=runner.out / "submitit", cluster=kind)
+    try:
+        executor = submitit.AutoExecutor(folder=runner.out / "submitit", cluster=kind)
+    except RuntimeError as exc:  # e.g. no srun on this machine
+        raise CompareError(f"--executor {kind}: submitit cannot use {kind} here ({exc}). Run the command on the "
+                           "cluster's login node, or use --executor local to run the jobs on this machine.") from None
     params: dict[str, Any] = {"name": f"capsgan-{runner.out.name}", "timeout_min": spec.minutes,
                               "cpus_per_task": spec.cpus, "gpus_per_node": spec.gpus, "tasks_per_node": 1,
                               "nodes": 1}
