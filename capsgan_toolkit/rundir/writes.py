@@ -123,7 +123,7 @@ def write_json(path: str | Path, data: Any, *, indent: int = 2, default: Callabl
 
 
 def write_rendered(path: str | Path, render: Callable[[IO[bytes]], None], **options: Any) -> Path:
-    """Render a picture into memory with ``render(buffer)`` (PIL's ``save``, matplotlib's ``savefig``), then write it."""
+    """Render into memory with ``render(buffer)`` (PIL's ``save``, ``savefig``, ``torch.save``), then write it."""
     buffer = io.BytesIO()
     render(buffer)
     return write_bytes(path, buffer.getvalue(), **options)
