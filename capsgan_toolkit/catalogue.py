@@ -334,6 +334,10 @@ class EvalSection(BaseModel):
     prior_components: int | None = Field(
         None, ge=2, le=16, description='Gaussians per class of prior = "mixture" (unset: objective.prior_components, '
                                        "else 3).")
+    prior_temperature: float | None = Field(
+        None, gt=0, le=2, description="Spread of the prior's draws around their class (or component) mean, as a "
+                                      "multiple of the fitted spread; below 1 trades variety for fidelity (unset: "
+                                      "objective.prior_temperature, else 1).")
     seed: int = Field(0, ge=0, description="Seed of the reference subset, prior samples and score subsets.")
     batch_size: int = Field(100, ge=1, description="Images per batch when encoding, generating and extracting "
                                                    "features.")

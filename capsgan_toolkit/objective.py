@@ -135,10 +135,11 @@ class Objective:
 
     def prepare_generation(self, train_split, *, limit: int, seed: int, batch_size: int,
                            device: torch.device, progress: Callable | None = None, prior: str | None = None,
-                           prior_components: int | None = None) -> None:
+                           prior_components: int | None = None, prior_temperature: float | None = None) -> None:
         """Get ready to generate (fit a latent prior on training images, if the objective needs one).
 
-        ``prior`` and ``prior_components`` are ``eval.prior`` and ``eval.prior_components`` when the
+        ``prior``, ``prior_components`` and ``prior_temperature`` are ``eval.prior``, ``eval.prior_components``
+        and ``eval.prior_temperature`` when the
         ``[eval]`` table sets them (one of :data:`~capsgan_toolkit.evaluation.prior.PRIOR_KINDS`: the
         latent prior to fit instead of the objective's own); an objective without a latent prior ignores
         them. The evaluator passes them only when set, so an override without them still works.

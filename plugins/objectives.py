@@ -195,6 +195,12 @@ class ReconstructionGAN(Objective):
         prior_components: int | None = Field(
             None, ge=2, le=16, description='Gaussians per class of prior = "mixture" (unset: 3).',
         )
+        prior_temperature: float = Field(
+            1.0, gt=0, le=2,
+            description="Spread of new images' latents around their class (or mixture component) mean, as a multiple "
+                        "of the fitted spread, at evaluation and sampling (not the generation path's batch prior): "
+                        "below 1 trades variety for class fidelity (a truncation).",
+        )
 
         @model_validator(mode="after")
         def _components_need_a_mixture(self):
@@ -364,14 +370,16 @@ class ReconstructionGAN(Objective):
         return self.p.encoder.class_scores(capsules), self.p.generator(self.p.encoder.to_latent(capsules))
 
     def prepare_generation(self, train_split, *, limit, seed, batch_size, device, progress=None, prior=None,
-                           prior_components=None):
+                           prior_components=None, prior_temperature=None):
         """Fit the latent prior (``prior``, else ``objective.prior``, else ``gaussian``) on training images.
 
         A mixture has ``prior_components`` Gaussians per class, else ``objective.prior_components``, else 3.
+        It draws at ``prior_temperature``, else ``objective.prior_temperature``.
         """
         from capsgan_toolkit.evaluation.evaluator import fit_prior
 
         kind = prior or self.params.prior or "gaussian"
+        temperature = prior_temperature or self.params.prior_temperature
         if kind not in PRIOR_KINDS:
             raise CapsganError(f"Unknown latent prior {kind!r}; the priors are {', '.join(PRIOR_KINDS)}.")
         if kind == "mixture":
@@ -380,11 +388,12 @@ class ReconstructionGAN(Objective):
             self.prior = fit_latent_prior(kind, vectors, classes, num_classes=self.p.info.num_classes,
                                           capsule_dim=self.p.encoder.capsule_dim, mode=mode,
                                           components=prior_components or self.params.prior_components or 3,
-                                          seed=seed + 3)
+                                          seed=seed + 3, temperature=temperature)
             return
         gaussian = fit_prior(self.p.encoder, train_split, limit=limit, seed=seed, batch_size=batch_size,
                              device=device, num_classes=self.p.info.num_classes, progress=progress)
         self.prior = TrueSlotPrior(gaussian) if kind == "true_slot" else gaussian
+        self.prior.temperature = temperature
 
     @property
     def fitted_classes(self) -> list[int]:

@@ -167,6 +167,39 @@ def test_true_slot_prior_in_capsule_mode_is_the_gaussian_itself():
                        gaussian.sample(c, torch.Generator().manual_seed(1)))
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "true_slot", "mixture"])
+def test_a_prior_temperature_scales_the_spread_of_the_draws_and_nothing_else(kind):
+    k, d = 3, 2
+    vectors, classes = _full_mode_vectors(k, d)
+    cold = fit_latent_prior(kind, vectors, classes, num_classes=k, capsule_dim=d, mode="full", components=2,
+                            temperature=0.5)
+    warm = fit_latent_prior(kind, vectors, classes, num_classes=k, capsule_dim=d, mode="full", components=2)
+    assert warm.temperature == 1.0 and cold.temperature == 0.5
+    c = torch.full((40000,), 1)
+    draws = {t: p.sample(c, torch.Generator().manual_seed(5)).double().flatten(1).numpy()
+             for t, p in ((0.5, cold), (1.0, warm))}
+    # The class's fitted mean and covariance, recomputed here from the rows in float64.
+    rows = vectors[classes == 1].numpy()
+    mean = rows.mean(0)
+    np.testing.assert_allclose(draws[0.5].mean(0), mean, atol=0.02)
+    if kind == "mixture":  # same component, same noise: the cold draw lies halfway between its component's mean
+        centres = 2 * draws[0.5] - draws[1.0]  # and the warm draw, so 2 cold - warm is a component mean
+        comp_means = cold.means[1].numpy()
+        gap = np.abs(centres[:, None] - comp_means[None]).max(-1).min(1)
+        assert gap.max() < 1e-4 and len(set(np.abs(centres[:, None] - comp_means[None]).max(-1).argmin(1))) == 2
+    else:
+        cov = np.cov(draws[0.5], rowvar=False)
+        full = np.cov(draws[1.0], rowvar=False)
+        np.testing.assert_allclose(cov, 0.25 * full, atol=2e-3)
+        if kind == "gaussian":
+            np.testing.assert_allclose(full, np.cov(rows, rowvar=False), rtol=0.06, atol=5e-3)
+    assert "temperature 0.5" in cold.describe() and "temperature" not in warm.describe()
+    again = prior_from_state_dict(cold.state_dict())
+    assert again.temperature == 0.5
+    assert torch.equal(again.sample(c[:8], torch.Generator().manual_seed(2)),
+                       cold.sample(c[:8], torch.Generator().manual_seed(2)))
+
+
 def test_fit_latent_prior_names_each_kind_and_refuses_others():
     vectors, classes = _full_mode_vectors()
     kinds = {kind: fit_latent_prior(kind, vectors, classes, num_classes=3, capsule_dim=2, mode="full", components=2)
@@ -305,6 +338,8 @@ def test_eval_prior_chooses_the_prior_of_new_images_without_retraining(tmp_path)
     chosen = invoke("eval", run, "--set", cache, "--set", "eval.prior=mixture", "--set", "eval.prior_components=2")
     assert "(class_mixture latent prior (2 Gaussian components per class" in images_of(chosen)
     assert json.loads((run / "eval.json").read_text())["eval"]["prior"] == "mixture"
+    cold = invoke("eval", run, "--set", cache, "--set", "eval.prior_temperature=0.7")
+    assert "(class_gaussian latent prior," in images_of(cold) and "temperature 0.7 (draws at 0.7 x" in images_of(cold)
     result = invoke("sample", run, "--n", 4, "--set", "eval.prior=true_slot", "--set", "eval.prior_images=40")
     assert result.exit_code == 0, result.output
     assert "new samples: class_true_slot latent prior" in result.output
@@ -315,7 +350,7 @@ def test_eval_prior_chooses_the_prior_of_new_images_without_retraining(tmp_path)
     assert bad.exit_code != 0 and 'set eval.prior = "mixture"' in bad.output, bad.output
     # An [eval] key: a finished run is no different for a resume or a comparison's re-run.
     changed = copy.deepcopy(recipe)
-    changed["eval"].update(prior="mixture", prior_components=4)
+    changed["eval"].update(prior="mixture", prior_components=4, prior_temperature=0.8)
     assert recipe_diff(recipe, changed, RESUMABLE) == recipe_diff(recipe, changed, RERUN_IGNORED) == []
 
 

@@ -141,12 +141,13 @@ def prepare_generation(objective, train_split, ev: EvalSection, *, device: torch
                        name: str | None = None) -> None:
     """Call ``objective.prepare_generation`` with the ``[eval]`` table's prior images, seed and batch size.
 
-    ``eval.prior`` and ``eval.prior_components`` (the latent prior chosen at evaluation) go along only
-    when set: an objective whose ``prepare_generation`` does not take them still works where they are
+    ``eval.prior``, ``eval.prior_components`` and ``eval.prior_temperature`` (the latent prior chosen at
+    evaluation) go along only when set: an objective whose ``prepare_generation`` does not take them still works where they are
     unset, and where they are set it is told so by name. ``capsgan eval``, periodic evaluation and
     ``capsgan sample`` all prepare through here.
     """
-    chosen = {key: value for key, value in (("prior", ev.prior), ("prior_components", ev.prior_components))
+    chosen = {key: value for key, value in (("prior", ev.prior), ("prior_components", ev.prior_components),
+                                            ("prior_temperature", ev.prior_temperature))
               if value is not None}
     if chosen:
         params = inspect.signature(objective.prepare_generation).parameters
@@ -154,7 +155,7 @@ def prepare_generation(objective, train_split, ev: EvalSection, *, device: torch
             raise CapsganError(
                 f"eval.prior is {ev.prior!r}, but the {name or objective_name(objective)} objective's "
                 "prepare_generation takes no prior argument: it cannot draw new images from another prior. "
-                "Remove eval.prior (and eval.prior_components).")
+                "Remove eval.prior (and eval.prior_components, eval.prior_temperature).")
     objective.prepare_generation(train_split, limit=ev.prior_images, seed=ev.seed, batch_size=ev.batch_size,
                                  device=device, progress=progress, **chosen)
 

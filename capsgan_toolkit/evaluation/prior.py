@@ -15,6 +15,12 @@ Sampling draws a class, draws from its distribution, and writes the vector back 
 - ``mixture`` (:class:`ClassMixturePrior`): a few Gaussians per class, fitted by a seeded EM
   (:func:`fit_gaussian_mixture`: k-means++ and Lloyd's k-means to start, then EM).
 
+Every prior has a ``temperature`` (default 1): draws scale their spread around the class
+(or component) mean by it, ``mean + temperature * L z``; below 1 the draws keep closer to the
+class's typical latents (a truncation, as in BigGAN's and Glow's sampling), trading variety for
+fidelity. It is chosen at evaluation (``objective.prior_temperature``, ``eval.prior_temperature``)
+and changes nothing fitted.
+
 Every covariance is the (weighted) sample covariance plus a small ridge,
 ``shrinkage * trace(S) / V`` on the diagonal (plus 1e-8; ``S`` the class's sample covariance),
 so a class with fewer images than dimensions still has a valid Cholesky factor.
@@ -49,6 +55,10 @@ def _check_sampleable(counts: torch.Tensor, classes: torch.Tensor) -> None:
         )
 
 
+def _temperature_text(temperature: float) -> str:
+    return "" if temperature == 1.0 else f", temperature {temperature:g} (draws at {temperature:g} x the fitted spread)"
+
+
 def _ridge(sample_cov: torch.Tensor, shrinkage: float) -> float:
     return float(shrinkage * torch.diagonal(sample_cov).mean() + 1e-8)
 
@@ -72,6 +82,7 @@ class ClassGaussianPrior:
         self.covariances = covariances
         self.counts = counts
         self.chol = torch.linalg.cholesky(covariances)
+        self.temperature = 1.0
 
     @classmethod
     def fit(cls, vectors: torch.Tensor, classes: torch.Tensor, *, num_classes: int, capsule_dim: int,
@@ -125,6 +136,7 @@ class ClassGaussianPrior:
         classes = classes.long().cpu()
         _check_sampleable(self.counts, classes)
         noise = torch.randn(classes.shape[0], self.means.shape[1], generator=generator, dtype=torch.float64)
+        noise = noise * self.temperature
         vectors = self.means[classes] + torch.einsum("nij,nj->ni", self.chol[classes], noise)
         if self.mode == "full":
             return vectors.view(-1, self.num_classes, self.capsule_dim).float()
@@ -134,16 +146,20 @@ class ClassGaussianPrior:
 
     def describe(self) -> str:
         """One line for ``eval.json``: which prior, which mode, fitted on how many images."""
-        return f"class_gaussian latent prior, {self.mode} mode, fitted on {int(self.counts.sum())} training images"
+        return (f"class_gaussian latent prior, {self.mode} mode, fitted on {int(self.counts.sum())} training images"
+                f"{_temperature_text(self.temperature)}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "num_classes": self.num_classes, "capsule_dim": self.capsule_dim,
-                "means": self.means, "covariances": self.covariances, "counts": self.counts}
+                "means": self.means, "covariances": self.covariances, "counts": self.counts,
+                "temperature": self.temperature}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ClassGaussianPrior:
-        return cls(state["mode"], state["num_classes"], state["capsule_dim"], state["means"],
-                   state["covariances"], state["counts"])
+        prior = cls(state["mode"], state["num_classes"], state["capsule_dim"], state["means"],
+                    state["covariances"], state["counts"])
+        prior.temperature = float(state.get("temperature", 1.0))
+        return prior
 
 
 class TrueSlotPrior:
@@ -160,7 +176,7 @@ class TrueSlotPrior:
     kind = "true_slot"
 
     def __init__(self, gaussian: ClassGaussianPrior):
-        self.gaussian = gaussian
+        self.gaussian = gaussian  # its temperature is this prior's
         self.mode, self.num_classes, self.capsule_dim = gaussian.mode, gaussian.num_classes, gaussian.capsule_dim
         self.counts = gaussian.counts
         if self.mode == "full":
@@ -173,6 +189,14 @@ class TrueSlotPrior:
     fitted_classes = ClassGaussianPrior.fitted_classes
     balanced_classes = ClassGaussianPrior.balanced_classes
 
+    @property
+    def temperature(self) -> float:
+        return self.gaussian.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.gaussian.temperature = value
+
     def sample(self, classes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one latent ``(K, D)`` per entry of ``classes``; returns ``(n, K, D)`` float32."""
         if self.mode == "capsule":
@@ -180,7 +204,7 @@ class TrueSlotPrior:
         classes = classes.long().cpu()
         _check_sampleable(self.counts, classes)
         n, k, d = classes.shape[0], self.num_classes, self.capsule_dim
-        noise = torch.randn(n, d, generator=generator, dtype=torch.float64)
+        noise = torch.randn(n, d, generator=generator, dtype=torch.float64) * self.temperature
         latent = self.gaussian.means[classes].view(n, k, d).clone()
         latent[torch.arange(n), classes] = self.slot_means[classes] + torch.einsum(
             "nij,nj->ni", self.slot_chol[classes], noise)
@@ -189,7 +213,8 @@ class TrueSlotPrior:
     def describe(self) -> str:
         """One line for ``eval.json``: which prior, which mode, fitted on how many images."""
         return ("class_true_slot latent prior (the true class's capsule from its class Gaussian, the other "
-                f"capsules at their class means), {self.mode} mode, fitted on {int(self.counts.sum())} training images")
+                f"capsules at their class means), {self.mode} mode, fitted on {int(self.counts.sum())} training images"
+                f"{_temperature_text(self.temperature)}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "gaussian": self.gaussian.state_dict()}
@@ -306,6 +331,7 @@ class ClassMixturePrior:
         self.weights, self.means, self.covariances, self.counts, self.seed = weights, means, covariances, counts, seed
         self.components = weights.shape[1]
         self.chol = torch.linalg.cholesky(covariances)
+        self.temperature = 1.0
 
     @classmethod
     def fit(cls, vectors: torch.Tensor, classes: torch.Tensor, *, num_classes: int, capsule_dim: int,
@@ -351,7 +377,7 @@ class ClassMixturePrior:
         if n == 0:
             return torch.zeros(0, self.num_classes, self.capsule_dim)
         component = torch.multinomial(self.weights[classes], 1, generator=generator).squeeze(1)
-        noise = torch.randn(n, self.means.shape[2], generator=generator, dtype=torch.float64)
+        noise = torch.randn(n, self.means.shape[2], generator=generator, dtype=torch.float64) * self.temperature
         vectors = self.means[classes, component] + torch.einsum("nij,nj->ni", self.chol[classes, component], noise)
         if self.mode == "full":
             return vectors.view(-1, self.num_classes, self.capsule_dim).float()
@@ -362,17 +388,21 @@ class ClassMixturePrior:
     def describe(self) -> str:
         """One line for ``eval.json``: which prior, which mode, fitted on how many images."""
         return (f"class_mixture latent prior ({self.components} Gaussian components per class, EM seed {self.seed}), "
-                f"{self.mode} mode, fitted on {int(self.counts.sum())} training images")
+                f"{self.mode} mode, fitted on {int(self.counts.sum())} training images"
+                f"{_temperature_text(self.temperature)}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "mode": self.mode, "num_classes": self.num_classes,
                 "capsule_dim": self.capsule_dim, "weights": self.weights, "means": self.means,
-                "covariances": self.covariances, "counts": self.counts, "seed": self.seed}
+                "covariances": self.covariances, "counts": self.counts, "seed": self.seed,
+                "temperature": self.temperature}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ClassMixturePrior:
-        return cls(state["mode"], state["num_classes"], state["capsule_dim"], state["weights"], state["means"],
-                   state["covariances"], state["counts"], state["seed"])
+        prior = cls(state["mode"], state["num_classes"], state["capsule_dim"], state["weights"], state["means"],
+                    state["covariances"], state["counts"], state["seed"])
+        prior.temperature = float(state.get("temperature", 1.0))
+        return prior
 
 
 LatentPrior = ClassGaussianPrior | TrueSlotPrior | ClassMixturePrior
@@ -411,15 +441,20 @@ def encode_training_split(encoder, split, *, limit: int, seed: int, batch_size: 
 
 def fit_latent_prior(kind: str, vectors: torch.Tensor, classes: torch.Tensor, *, num_classes: int,
                      capsule_dim: int, mode: Literal["capsule", "full"], components: int = 3,
-                     seed: int = 0) -> LatentPrior:
-    """Fit the prior ``kind`` (one of :data:`PRIOR_KINDS`) on encoded latents."""
+                     seed: int = 0, temperature: float = 1.0) -> LatentPrior:
+    """Fit the prior ``kind`` (one of :data:`PRIOR_KINDS`) on encoded latents; it draws at ``temperature``."""
     if kind not in PRIOR_KINDS:
         raise CapsganError(f"Unknown latent prior {kind!r}; the priors are {', '.join(PRIOR_KINDS)}.")
+    prior: LatentPrior
     if kind == "mixture":
-        return ClassMixturePrior.fit(vectors, classes, num_classes=num_classes, capsule_dim=capsule_dim, mode=mode,
-                                     components=components, seed=seed)
-    gaussian = ClassGaussianPrior.fit(vectors, classes, num_classes=num_classes, capsule_dim=capsule_dim, mode=mode)
-    return TrueSlotPrior(gaussian) if kind == "true_slot" else gaussian
+        prior = ClassMixturePrior.fit(vectors, classes, num_classes=num_classes, capsule_dim=capsule_dim, mode=mode,
+                                      components=components, seed=seed)
+    else:
+        gaussian = ClassGaussianPrior.fit(vectors, classes, num_classes=num_classes, capsule_dim=capsule_dim,
+                                          mode=mode)
+        prior = TrueSlotPrior(gaussian) if kind == "true_slot" else gaussian
+    prior.temperature = temperature
+    return prior
 
 
 # ------------------------------------------------------------------ during training: the batch's own latents
