@@ -350,4 +350,9 @@ def _evaluate(run_dir, *, checkpoint, metrics, num_images, sets, device, incepti
         **report.to_dict(),
     }
     run.rd.write_eval(result, out)
+    if out is None:  # the run's own results: observers (an experiment tracker that logged the run) see them
+        from capsgan_toolkit.plugin.events import EvaluationDone, emit
+
+        emit(run.plugins.manager, EvaluationDone(run.run_dir, run.epoch, run.step, dict(report.metrics),
+                                                 dict(report.protocol)))
     return result

@@ -24,40 +24,31 @@ validation refuses ``tensorboard = true`` without it, before anything is trained
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import CapsganError
+from capsgan_toolkit.rundir.tail import MetricsTail, numbers
 
 INSTALL_HINT = 'pip install "capsgan-toolkit[tensorboard]"'
 FOLDER = "tensorboard"
 """The sub-folder of the run folder that holds the event files."""
 
-_SKIPPED = {"kind", "epoch", "step"}
-
 
 class _Logger:
-    """One run's writer, and which rows of its metrics.jsonl it has logged.
+    """One run's writer, and which rows of its metrics.jsonl it has logged (a :class:`MetricsTail`).
 
-    Rows are told apart by their text: a row written again after the divergence guard's
-    rollback (same step, other values) is new, and a row an earlier attempt logged before
-    a resume is not. ``resumed_at``: the step a resumed run continues from (``None``: a new run).
+    ``resumed_at``: the step a resumed run continues from (``None``: a new run).
     """
 
     def __init__(self, run_dir: Path, *, resumed_at: int | None):
         self.log_dir = run_dir / FOLDER
-        self.metrics_file = run_dir / "metrics.jsonl"
-        self.seen: set[int] = set()
-        self.last_step, self.inode, self.offset = -1, None, 0
         if not self.log_dir.is_dir():  # a new run, or one resumed with tensorboard newly turned on: log every row
             resumed_at = None
         # A resume purges what the stopped attempt logged after its checkpoint.
         self.writer = self._open(None if resumed_at is None else resumed_at + 1)
-        if resumed_at is not None:
-            self.last_step = resumed_at
-            self.read_rows(log=False)  # the rows still in the file were logged by the earlier attempt
+        self.tail = MetricsTail(run_dir / "metrics.jsonl", resumed_at=resumed_at)
 
     def _open(self, purge_step: int | None):
         try:
@@ -67,46 +58,18 @@ class _Logger:
                                f"Install it with {INSTALL_HINT}, or set output.tensorboard = false.") from None
         return SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
-    def read_rows(self, *, log: bool = True) -> None:
+    def read_rows(self) -> None:
         """Log the "train" rows of metrics.jsonl not logged yet."""
-        try:
-            stat = self.metrics_file.stat()
-            if stat.st_ino != self.inode or stat.st_size < self.offset:  # rewritten (a resume or a rollback)
-                self.inode, self.offset = stat.st_ino, 0
-            with open(self.metrics_file, "rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        end = data.rfind(b"\n") + 1  # whole lines only
-        self.offset += end
-        kept, new = -1, []
-        for line in data[:end].splitlines():
-            digest = hash(line)
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("kind") != "train":
-                continue
-            if digest in self.seen:
-                kept = max(kept, int(row.get("step", 0)))
-            else:
-                self.seen.add(digest)
-                new.append(row)
-        if not log or not new:
-            return
-        if int(new[0].get("step", 0)) <= self.last_step:  # the run went back: hide the abandoned steps
+        found = self.tail.read()
+        if found.rewound:  # the run went back: hide the abandoned steps
             self.writer.close()
-            self.writer = self._open(kept + 1)
-        for row in new:
+            self.writer = self._open(found.kept + 1)
+        for row in found.rows:
             self.scalars("train", row, int(row.get("step", 0)))
-            self.last_step = int(row.get("step", 0))
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
-        for key, value in values.items():
-            if key not in _SKIPPED and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        for key, value in numbers(values).items():
+            self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
         self.writer.close()

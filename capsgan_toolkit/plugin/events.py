@@ -60,7 +60,11 @@ class CheckpointSaved:
 
 @dataclass(frozen=True)
 class EvaluationDone:
-    """An evaluation finished; ``metrics`` by name, ``protocol`` per metric name."""
+    """An evaluation finished; ``metrics`` by name, ``protocol`` per metric name.
+
+    Emitted by a periodic evaluation during training and by ``capsgan eval`` of a trained run
+    (which writes the run folder's eval.json; not one written elsewhere with ``--out``).
+    """
 
     run_dir: Path
     epoch: int

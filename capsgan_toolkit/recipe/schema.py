@@ -123,6 +123,22 @@ class OutputSection(_Strict):
     samples_every_epochs: int = Field(1, ge=1, description="Epochs between sample grids.")
     sample_images: int = Field(16, ge=1, le=256, description="Real/reconstruction pairs in a sample grid.")
     tensorboard: bool = Field(False, description="Write TensorBoard events to RUN_DIR/tensorboard/ (the tensorboard extra).")
+    mlflow: bool | str = Field(False, description='Log to MLflow (the mlflow extra): true: a local store in '
+                                                  'RUN_DIR/mlruns; a text: a tracking URI ("http://host:5000", '
+                                                  '"sqlite:///mlflow.db"); false: off.')
+    wandb: Literal[False, "offline", "online"] = Field(
+        False, description='Log to Weights & Biases (the wandb extra): "offline" (RUN_DIR/wandb, `wandb sync` '
+                           'later), "online" (after `wandb login`), or false: off.')
+    experiment: str = Field("capsgan", min_length=1, description="The MLflow experiment or W&B project the run is "
+                                                                 "logged under.")
+
+    @field_validator("mlflow")
+    @classmethod
+    def _a_uri(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError('give a tracking URI (e.g. "http://localhost:5000"), or true for a local store in '
+                             "RUN_DIR/mlruns, or false")
+        return value
 
 
 
@@ -325,6 +341,12 @@ def resolve(data: dict, registry: Registry, *, source: str = "<recipe>", overrid
     if training and recipe.output.tensorboard and importlib.util.find_spec("tensorboard") is None:
         errors.append(("output.tensorboard", 'needs the tensorboard package, which is not installed here: '
                        'pip install "capsgan-toolkit[tensorboard]" (or set output.tensorboard = false)', True))
+    if training and recipe.output.mlflow is not False and importlib.util.find_spec("mlflow") is None:
+        errors.append(("output.mlflow", 'needs the mlflow package, which is not installed here: '
+                       'pip install "capsgan-toolkit[mlflow]" (or set output.mlflow = false)', True))
+    if training and recipe.output.wandb is not False and importlib.util.find_spec("wandb") is None:
+        errors.append(("output.wandb", 'needs the wandb package, which is not installed here: '
+                       'pip install "capsgan-toolkit[wandb]" (or set output.wandb = false)', True))
     if errors:
         raise RecipeError(_format_errors(errors, source, overrides, hints))
     return ResolvedRecipe(recipe, params, source, optim)
