@@ -23,7 +23,7 @@ from capsgan_toolkit import __version__
 from capsgan_toolkit.errors import CapsganError, CheckpointError, RecipeError
 from capsgan_toolkit.plugin.manager import PluginSet, load_plugins
 from capsgan_toolkit.recipe.build import Built, build, pick_device
-from capsgan_toolkit.recipe.schema import ResolvedRecipe, apply_overrides, resolve
+from capsgan_toolkit.recipe.schema import ResolvedRecipe, apply_overrides, resolve, with_defaults
 from capsgan_toolkit.recipe.toml_io import read_toml
 from capsgan_toolkit.rundir import checkpoint as ckpt
 from capsgan_toolkit.rundir.folder import RunDir, breaking_changes
@@ -175,7 +175,8 @@ def _resume(rd: RunDir, plugins: PluginSet, resolved: ResolvedRecipe, *, console
         held.enter_context(rd.lock("training (resumed)"))
     checkpoint_path = rd.resume_checkpoint()
     state = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path is not None else None  # read once
-    changes = breaking_changes(state["recipe"], resolved.to_dict()) if state is not None else []
+    changes = (breaking_changes(with_defaults(state["recipe"], plugins.registry), resolved.to_dict())
+               if state is not None else [])
     if changes:
         raise CapsganError(
             f"Cannot resume {rd.path} with this recipe: these keys changed in ways that break the run:\n  "

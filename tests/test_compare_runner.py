@@ -31,7 +31,7 @@ class FakeApi:
     def load_recipe(self, path, sets=()):
         data = read_toml(path)
         apply_overrides(data, list(sets))
-        return None, SimpleNamespace(to_dict=lambda: copy.deepcopy(data))
+        return SimpleNamespace(registry=None), SimpleNamespace(to_dict=lambda: copy.deepcopy(data))
 
     def train(self, recipe, *, out, sets=(), resume=False, **_):
         _, resolved = self.load_recipe(recipe, sets)
@@ -300,3 +300,21 @@ def test_plan_shard_and_devices(tmp_path):
     assert sets == ['run.device="cpu"'] and int(env["OMP_NUM_THREADS"]) >= 1
     with pytest.raises(CompareError):
         device_setup("tpu", 1)
+
+
+def test_a_run_trained_before_a_key_existed_is_reused_as_that_keys_default(registry):
+    from helpers import tiny_recipe
+
+    from capsgan_toolkit.compare.runner import stale_keys
+    from capsgan_toolkit.recipe.schema import resolve, with_defaults
+
+    desired = resolve(tiny_recipe(), registry).to_dict()
+    saved = copy.deepcopy(desired)  # as written by a toolkit that had neither key yet
+    del saved["objective"]["prior_temperature"], saved["output"]["mlflow"]
+    assert stale_keys(saved, desired) == ["objective.prior_temperature: (absent) -> 1.0", "output.mlflow: (absent) -> False"]
+    assert stale_keys(with_defaults(saved, registry), desired) == []
+    colder = copy.deepcopy(desired)
+    colder["objective"]["prior_temperature"] = 0.7
+    assert stale_keys(with_defaults(saved, registry), colder) == ["objective.prior_temperature: 1.0 -> 0.7"]
+    saved["encoder"]["channels"] = 99  # a saved value is kept as it was
+    assert stale_keys(with_defaults(saved, registry), desired) == ["encoder.channels: 99 -> 8"]

@@ -47,6 +47,7 @@ from capsgan_toolkit.compare.spec import ArmSpec, CompareError, LoadedSpec
 from capsgan_toolkit.errors import Interrupted
 from capsgan_toolkit.progress import rich_bars
 from capsgan_toolkit.recipe.diff import RERUN_IGNORED, recipe_diff
+from capsgan_toolkit.recipe.schema import with_defaults
 from capsgan_toolkit.rundir.folder import RunDir
 
 
@@ -205,9 +206,10 @@ class Runner:
         """Resolve every run's recipe and refuse unfair arms before any training."""
         from capsgan_toolkit import api
 
+        registries = {}  # each run's saved recipe is completed with its own plugins' defaults
         for job in self.grid:
-            _, resolved = api.load_recipe(job.recipe, job.sets)
-            job.desired = resolved.to_dict()
+            plugins, resolved = api.load_recipe(job.recipe, job.sets)
+            job.desired, registries[job.path] = resolved.to_dict(), plugins.registry
         by_arm: dict[str, list[dict]] = {}
         for job in self.grid:
             by_arm.setdefault(job.arm, []).append(job.desired)
@@ -217,7 +219,8 @@ class Runner:
         for job in self.mine:
             rd = RunDir(job.path)
             if rd.is_run():
-                changed = stale_keys(rd.read_recipe(), job.desired)
+                saved, registry = rd.read_recipe(), registries[job.path]
+                changed = stale_keys(with_defaults(saved, registry) if registry is not None else saved, job.desired)
                 if changed:
                     stale.append(f"  {job.path}:\n    " + "\n    ".join(changed))
         if stale:

@@ -26,7 +26,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from capsgan_toolkit.catalogue import EvalSection, FeatureSpec
-from capsgan_toolkit.errors import RecipeError, RegistryError
+from capsgan_toolkit.errors import CapsganError, RecipeError, RegistryError
 from capsgan_toolkit.interfaces import SLOTS
 from capsgan_toolkit.plugin.registry import Registry, suggest
 from capsgan_toolkit.recipe.toml_io import read_toml
@@ -386,6 +386,29 @@ def _resolve_optim(recipe: Recipe, objective, raw: dict, errors: list) -> dict[s
         except ValidationError as exc:
             errors.extend(_pydantic_errors(exc, f"optim.{name}"))
     return out
+
+
+def with_defaults(saved: dict[str, Any], registry: Registry) -> dict[str, Any]:
+    """A saved (resolved) recipe with the keys added to the toolkit since it was written, at their defaults.
+
+    A run trained before a key existed trained as that key's default does (a new key's default
+    keeps the old behaviour), so a resume or a comparison's re-run compares the saved recipe
+    with this, not with the bare file: ``(absent) -> default`` is no change, ``(absent) -> any
+    other value`` still is. Every key the saved recipe has keeps its saved value. A saved
+    recipe that no longer validates is returned as it is (the difference then shows).
+    """
+    try:
+        filled = resolve(saved, registry, training=False).to_dict()
+    except CapsganError:
+        return saved
+
+    def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in top.items():
+            out[key] = overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return overlay(filled, saved)
 
 
 def resolve_file(path: str | Path, registry: Registry, overrides: list[str] | None = None) -> ResolvedRecipe:
