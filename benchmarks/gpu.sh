@@ -7,7 +7,8 @@
 # glyphs (the built-in data needs no download, so the epoch sizes match MNIST's and CIFAR-10's);
 # and the plain DCGAN baseline on the same CIFAR-size data; the MNIST-size epoch again reading images
 # one at a time as before whole-batch reading (for the ratio); the MNIST-size and CIFAR-size capsule
-# epochs with speed.cuda_graphs = true. It prints the card's name and, per run, the training seconds
+# epochs with speed.cuda_graphs = true, and again with speed.precision = "tf32" (TF32 matmuls: the test
+# accuracy after the epoch beside float32's). It prints the card's name and, per run, the training seconds
 # per epoch and images/s from each run's summary.json; then `capsgan bench` on the card: the MNIST
 # capsule recipe against its CNN twin, and each [speed] option against the same recipe without it.
 #
@@ -57,6 +58,10 @@ runs = [
     recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-items", glyphs28),
     recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-graphs", glyphs28, speed={"cuda_graphs": True}),
     recipe("recipes/capsgan_cifar.toml", "capsnet-cifar64-size-graphs", glyphs32, speed={"cuda_graphs": True}),
+    recipe("recipes/capsgan_mnist.toml", "capsnet-mnist-size-graphs-tf32", glyphs28,
+           speed={"cuda_graphs": True, "precision": "tf32"}),
+    recipe("recipes/capsgan_cifar.toml", "capsnet-cifar64-size-graphs-tf32", glyphs32,
+           speed={"cuda_graphs": True, "precision": "tf32"}),
 ]
 # The last run reads its batches image by image (DataLoader + default collate), as every run did before
 # whole-batch reading (capsgan_toolkit.data.batch_loader): the same epoch as capsnet-mnist-size, for the ratio.
@@ -89,3 +94,4 @@ bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.channels_
 bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.cudnn_benchmark=true --baseline-set speed.cudnn_benchmark=false
 bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.compile=true --baseline-set speed.compile=false
 bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set speed.cuda_graphs=true --baseline-set speed.cuda_graphs=false
+bench recipes/capsgan_mnist.toml --set data.batch_size=128 --set 'speed.precision="tf32"' --baseline-set 'speed.precision="float32"'

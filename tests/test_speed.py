@@ -57,6 +57,29 @@ def test_bf16_autocast_runs_forward_passes_in_bfloat16_and_keeps_weights_float32
     assert all(torch.isfinite(t).all() for m in weights.values() for t in m.values() if t.is_floating_point())
 
 
+def test_tf32_turns_on_tf32_matmuls_on_cuda_only_and_each_run_sets_its_own(tmp_path):
+    from capsgan_toolkit.step.speed import Speed, SpeedSection
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    nothing = type("B", (), {"modules": lambda self: {}})()
+    try:
+        matmul.allow_tf32 = False
+        speed = Speed(SpeedSection(precision="tf32"), torch.device("cpu"), nothing)
+        assert matmul.allow_tf32 is False  # not on a CPU: "tf32" is float32 there, without autocast
+        with speed.autocast():
+            assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+        Speed(SpeedSection(precision="tf32"), torch.device("cuda"), nothing)  # builds nothing on the device
+        assert matmul.allow_tf32 is True
+        Speed(SpeedSection(), torch.device("cuda"), nothing)  # the process's next run, float32
+        assert matmul.allow_tf32 is False
+    finally:
+        matmul.allow_tf32 = before
+    summary, weights = _train(tmp_path, "tf32", precision="tf32")  # on a CPU: the float32 run, bit for bit
+    _, plain = _train(tmp_path, "plain")
+    assert summary["steps"] == 3 and _max_difference(plain, weights) == 0
+
+
 def test_speed_keys_are_validated_and_listed_in_validate(tmp_path):
     data = tiny_recipe()
     data["speed"] = {"precision": "fp8"}

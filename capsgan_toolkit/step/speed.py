@@ -1,15 +1,17 @@
 """The recipe's ``[speed]`` table: options that make a step faster without changing the algorithm.
 
-``precision = "bf16"`` runs the forward passes under bfloat16 autocast (the routing and the
-squash stay float32: :func:`plugins.capsule.dynamic_routing` leaves autocast itself; backward
-runs outside autocast); ``channels_last`` stores the models' weights and each training batch
-in NHWC order (faster convolutions on tensor-core GPUs); ``compile`` compiles each model with
-``torch.compile`` (in place, so checkpoints keep their keys); ``cudnn_benchmark`` lets cuDNN
-time its convolution algorithms for the run's shapes; ``pin_memory`` pins training batches
-for faster, asynchronous copies to the GPU; ``data_on_device`` (on by default) keeps an in-memory
-training set on the GPU and gathers each batch there; ``cuda_graphs`` replays each model's
-training forward and backward as CUDA graphs (:mod:`capsgan_toolkit.step.cuda_graphs`). Numbers for
-each: docs/performance.md.
+``precision = "bf16"`` runs the forward passes under bfloat16 autocast (the routing and the squash
+stay float32: :func:`plugins.capsule.dynamic_routing` leaves autocast itself; backward runs outside
+autocast); ``precision = "tf32"`` keeps float32 tensors but lets CUDA matmuls use TF32 tensor cores
+(``torch.backends.cuda.matmul.allow_tf32``; cuDNN convolutions already do by PyTorch's default,
+under either precision; on other devices "tf32" is float32); ``channels_last`` stores the models'
+weights and each training batch in NHWC order (faster convolutions on tensor-core GPUs); ``compile``
+compiles each model with ``torch.compile`` (in place, so checkpoints keep their keys);
+``cudnn_benchmark`` lets cuDNN time its convolution algorithms for the run's shapes; ``pin_memory``
+pins training batches for faster, asynchronous copies to the GPU; ``data_on_device`` (on by default)
+keeps an in-memory training set on the GPU and gathers each batch there; ``cuda_graphs`` replays
+each model's training forward and backward as CUDA graphs (:mod:`capsgan_toolkit.step.cuda_graphs`).
+Numbers for each: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ _COMPILER_FILES = ("torch/_dynamo/", "torch/_inductor/", "torchinductor_")
 class SpeedSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    precision: Literal["float32", "bf16"] = Field(
-        "float32", description='Forward passes in "float32", or under bfloat16 autocast ("bf16"; CUDA, or a CPU with bf16).')
+    precision: Literal["float32", "tf32", "bf16"] = Field(
+        "float32", description='Forward passes in "float32"; "tf32": float32 tensors, CUDA matmuls on TF32 tensor '
+                               'cores (elsewhere float32); or under bfloat16 autocast ("bf16"; CUDA, or a CPU with '
+                               'bf16).')
     channels_last: bool = Field(False, description="Models and training batches in channels-last (NHWC) memory order.")
     compile: bool = Field(False, description="Compile each model with torch.compile (first steps slower).")
     cudnn_benchmark: bool = Field(False, description="Let cuDNN pick the fastest convolution algorithms (CUDA).")
@@ -53,8 +57,9 @@ class Speed:
         if spec.cuda_graphs and spec.compile and graphs_available(device):
             raise CapsganError("speed.cuda_graphs and speed.compile cannot both be true: torch.compile "
                                "captures its own graphs. Set one of them to false in the recipe's [speed] table.")
-        if device.type == "cuda":
+        if device.type == "cuda":  # set either way: a process that trains several runs gets each run's own
             torch.backends.cudnn.benchmark = spec.cudnn_benchmark
+            torch.backends.cuda.matmul.allow_tf32 = spec.precision == "tf32"
         for module in built.modules().values():
             if spec.channels_last:
                 module.to(memory_format=torch.channels_last)
