@@ -1,6 +1,6 @@
 """MLflow tracking through the typed run events (``[output] mlflow = true`` or a tracking URI).
 
-An observer plugin (:mod:`capsgan_toolkit.plugin.trackers`): it adds no component and never
+An observer plugin (:mod:`capsgan_toolkit.rundir.trackers`): it adds no component and never
 sees a model. With ``output.mlflow = true`` the run logs to a local MLflow store inside its own
 folder, ``RUN_DIR/mlruns`` (``mlflow ui --backend-store-uri RUN_DIR/mlruns`` shows it); a text
 value is a tracking URI instead (``"http://host:5000"``, ``"sqlite:///mlflow.db"``,
@@ -34,8 +34,8 @@ from typing import Any
 
 from capsgan_toolkit import __version__, hookimpl
 from capsgan_toolkit.errors import CapsganError
-from capsgan_toolkit.plugin.trackers import TrackerRun, Trackers, flat_recipe, update_state
 from capsgan_toolkit.rundir.tail import NewRows, numbers
+from capsgan_toolkit.rundir.trackers import TrackerRun, Trackers, flat_recipe, update_state
 
 INSTALL_HINT = 'pip install "capsgan-toolkit[mlflow]"'
 STORE = "mlruns"
@@ -137,7 +137,7 @@ class MlflowRun(TrackerRun):
 
 
 def _state(run_dir: Path) -> dict[str, Any]:
-    from capsgan_toolkit.plugin.trackers import read_state
+    from capsgan_toolkit.rundir.trackers import read_state
 
     return read_state(run_dir).get("mlflow") or {}
 

@@ -1,6 +1,6 @@
 """Weights & Biases tracking through the typed run events (``[output] wandb = "offline"`` or ``"online"``).
 
-An observer plugin (:mod:`capsgan_toolkit.plugin.trackers`): it adds no component and never
+An observer plugin (:mod:`capsgan_toolkit.rundir.trackers`): it adds no component and never
 sees a model. It opens a W&B run with ``wandb.init`` in the run folder (``RUN_DIR/wandb/``),
 project ``output.experiment``, named after ``run.name``:
 
@@ -29,8 +29,8 @@ from typing import Any
 
 from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import CapsganError
-from capsgan_toolkit.plugin.trackers import TrackerRun, Trackers, read_state, update_state
 from capsgan_toolkit.rundir.tail import NewRows, numbers
+from capsgan_toolkit.rundir.trackers import TrackerRun, Trackers, read_state, update_state
 
 INSTALL_HINT = 'pip install "capsgan-toolkit[wandb]"'
 

@@ -18,8 +18,8 @@ from helpers import invoke, tiny_recipe, write_toml
 from capsgan_toolkit import api
 from capsgan_toolkit.errors import RecipeError
 from capsgan_toolkit.plugin.events import EpochEnd, RunEnd, RunStart
-from capsgan_toolkit.plugin.trackers import read_state
 from capsgan_toolkit.recipe.schema import resolve
+from capsgan_toolkit.rundir.trackers import read_state
 
 
 def _train_steps(run_dir: Path) -> list[int]:
