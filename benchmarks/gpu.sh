@@ -26,6 +26,11 @@ if [ -z "${CAPSGAN_GPU_QUICK:-}" ]; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The tests that need a real GPU (graphs train as eager mode, "auto" falls back, batches on the device).
+if [ -z "${CAPSGAN_GPU_QUICK:-}" ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_batch_loading.py -k "real or cuda" \
+    || echo "GPU tests FAILED (or pytest missing)"
+fi
 python3 - "$out" <<'PY'
 import json, os, subprocess, sys, time, tomllib
 from pathlib import Path

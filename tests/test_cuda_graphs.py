@@ -168,6 +168,35 @@ def test_a_model_that_cannot_be_captured_is_a_clear_error():
     assert int(model[1].num_batches_tracked) == 0  # the failed capture moved no statistics
 
 
+def test_auto_runs_a_model_that_cannot_be_captured_eagerly_with_one_note(capsys):
+    def refuse(fn, args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    torch.manual_seed(0)
+    model, eager = _bn_model(), _bn_model()
+    eager.load_state_dict(model.state_dict())
+    graphed = GraphedCalls(model, "discriminator", make=refuse, on_device=lambda t: True, fallback=True)
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        graphed.new_step()
+        assert torch.equal(model(x), eager(x))  # the eager forward, BatchNorm statistics moved once per call
+    assert graphed.eager_only and not graphed.graphs
+    for key, value in eager.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    err = capsys.readouterr().err
+    assert err.count('speed.cuda_graphs = "auto": the discriminator runs eagerly') == 1
+    assert "RuntimeError: operation not permitted when stream is capturing" in err
+
+
+def test_auto_trains_capturable_models_as_graphs(tmp_path, emulated):
+    _, eager, _ = _train(tmp_path, "eager")
+    _, graphed, _ = _train(tmp_path, "auto", cuda_graphs="auto")
+    assert emulated
+    for model, state in eager.items():
+        for key, value in state.items():
+            assert torch.equal(value, graphed[model][key]), f"{model}.{key}"
+
+
 def test_cuda_graphs_with_compile_is_refused_and_off_cuda_ignored():
     from capsgan_toolkit.step.speed import Speed, SpeedSection
 
@@ -190,3 +219,20 @@ def test_real_cuda_graphs_train_as_eager(tmp_path):
     worst = max((x.float() - runs["graphed"][m][k].float()).abs().max().item()
                 for m in runs["eager"] for k, x in runs["eager"][m].items() if x.is_floating_point())
     assert worst < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on one by benchmarks/gpu.sh)")
+def test_real_auto_falls_back_for_a_forward_that_reads_to_the_host(capsys):
+    class Syncing(torch.nn.Linear):
+        def forward(self, x):
+            y = super().forward(x)
+            return y * 0 if y.abs().sum().item() > 1e12 else y  # a host read: not allowed while capturing
+
+    model = Syncing(3, 2).cuda()
+    graphed = GraphedCalls(model, "encoder", fallback=True)
+    x = torch.randn(4, 3, device="cuda", requires_grad=True)
+    for _ in range(2):
+        graphed.new_step()
+        model(x).sum().backward()
+    assert graphed.eager_only and "the encoder runs eagerly" in capsys.readouterr().err
+    assert model.weight.grad is not None and torch.isfinite(model.weight.grad).all()

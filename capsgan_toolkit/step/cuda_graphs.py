@@ -22,10 +22,16 @@ Capturing runs the forward a few times; the model's buffers (BatchNorm's running
 are restored afterwards, so they count the step once.
 Attributes that the forward assigns to the module (the capsnet's pending diagnostics) are
 assigned again after each replay: they hold the graph's memory, which each replay rewrites.
+
+A model that cannot be captured (its forward reads a value to the host, say) stops the run with a
+:class:`~capsgan_toolkit.errors.CapsganError` naming it, or, with ``fallback`` (``cuda_graphs =
+"auto"``), runs eagerly from then on after one printed note, while the other models keep their
+graphs.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -45,11 +51,12 @@ class GraphedCalls:
         name: the model's name in the recipe (for error messages).
         make: the graph builder (``torch.cuda.make_graphed_callables``; tests pass a stand-in).
         on_device: whether a call's tensors may be graphed (on CUDA by default).
+        fallback: a model that cannot be captured runs eagerly (one note) instead of stopping the run.
     """
 
     def __init__(self, module: nn.Module, name: str, *, make: Callable | None = None,
-                 on_device: Callable[[torch.Tensor], bool] | None = None):
-        self.module, self.name = module, name
+                 on_device: Callable[[torch.Tensor], bool] | None = None, fallback: bool = False):
+        self.module, self.name, self.fallback, self.eager_only = module, name, fallback, False
         self.make = make or torch.cuda.make_graphed_callables
         self.on_device = on_device or (lambda t: t.is_cuda)
         self.eager = module.forward  # the bound method of the module's class
@@ -66,8 +73,8 @@ class GraphedCalls:
         self.active = False
 
     def forward(self, *args, **kwargs):
-        if not self.active or self.capturing or kwargs or not self.module.training or not args or not all(
-                isinstance(a, torch.Tensor) and self.on_device(a) for a in args):
+        if self.eager_only or not self.active or self.capturing or kwargs or not self.module.training or not args \
+                or not all(isinstance(a, torch.Tensor) and self.on_device(a) for a in args):
             return self.eager(*args, **kwargs)
         params = tuple(self.module.parameters())
         key = (self.calls, torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"),
@@ -76,7 +83,17 @@ class GraphedCalls:
         self.calls += 1
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(args, params)
+            try:
+                entry = self.graphs[key] = self._capture(args, params)
+            except CapsganError as exc:
+                if not self.fallback:
+                    raise
+                self.eager_only = True
+                cause = exc.__cause__
+                reason = str(cause).strip().splitlines()[0][:200] if cause is not None and str(cause).strip() else ""
+                print(f'note: speed.cuda_graphs = "auto": the {self.name} runs eagerly; it cannot be captured as a '
+                      f"CUDA graph ({type(cause).__name__}: {reason}).", file=sys.stderr)
+                return self.eager(*args)
         graphed, assigned = entry
         out = graphed(*args, *params)
         self.module.__dict__.update(assigned)
@@ -109,6 +126,6 @@ class GraphedCalls:
         return graphed, assigned
 
 
-def graph_models(modules: dict[str, nn.Module], **kwargs) -> list[GraphedCalls]:
+def graph_models(modules: dict[str, nn.Module], **kwargs) -> list[GraphedCalls]:  # kwargs: GraphedCalls's
     """Wrap each model in :class:`GraphedCalls`; return the wrappers (the trainer calls ``new_step``)."""
     return [GraphedCalls(module, name, **kwargs) for name, module in modules.items()]

@@ -39,9 +39,10 @@ class SpeedSection(BaseModel):
     compile: bool = Field(False, description="Compile each model with torch.compile (first steps slower).")
     cudnn_benchmark: bool = Field(False, description="Let cuDNN pick the fastest convolution algorithms (CUDA).")
     pin_memory: bool = Field(False, description="Pin training batches in page-locked memory (CUDA).")
-    cuda_graphs: bool = Field(
+    cuda_graphs: bool | Literal["auto"] = Field(
         False, description="On CUDA, replay each model's training forward and backward as CUDA graphs (fewer "
-                           "kernel launches from Python; not with compile).")
+                           'kernel launches from Python; not with compile); "auto": a model that cannot be '
+                           "captured runs eagerly, with a note, instead of stopping the run.")
     data_on_device: bool = Field(
         True, description="On CUDA, keep an in-memory training set (built-in data sets, MNIST, CIFAR-10; up to "
                           "2 GiB) on the device and gather each batch there (with data.num_workers = 0).")
@@ -69,7 +70,7 @@ class Speed:
         if spec.cuda_graphs and graphs_available(device):
             from capsgan_toolkit.step.cuda_graphs import graph_models
 
-            self.graphed = graph_models(built.modules())
+            self.graphed = graph_models(built.modules(), fallback=spec.cuda_graphs == "auto")
 
     @contextlib.contextmanager
     def step(self):
