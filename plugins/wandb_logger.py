@@ -27,7 +27,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from capsgan_toolkit import hookimpl
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.rundir.tail import NewRows, numbers
 from capsgan_toolkit.rundir.trackers import TrackerRun, Trackers, read_state, update_state
@@ -101,31 +100,6 @@ _TRACKERS = Trackers("wandb", lambda recipe: (recipe.get("output") or {}).get("w
                      _after_training)
 
 
-@hookimpl
-def capsgan_run_start(event):
-    """Start (or continue) the W&B run of a recipe with ``output.wandb``, its config the recipe."""
-    _TRACKERS.run_start(event)
-
-
-@hookimpl
-def capsgan_epoch_end(event):
-    """Log the epoch's training rows, its epoch row and its sample picture."""
-    _TRACKERS.epoch_end(event)
-
-
-@hookimpl
-def capsgan_checkpoint_saved(event):
-    """Bring W&B up to the checkpoint."""
-    _TRACKERS.checkpoint_saved(event)
-
-
-@hookimpl
-def capsgan_evaluation_done(event):
-    """Log an evaluation's metrics (during training, or ``capsgan eval`` afterwards)."""
-    _TRACKERS.evaluation_done(event)
-
-
-@hookimpl
-def capsgan_run_end(event):
-    """Log the rest and the summary; finish the W&B run."""
-    _TRACKERS.run_end(event)
+# The run-event hooks (pluggy finds them by these names): Trackers turns the events into TrackerRun calls.
+(capsgan_run_start, capsgan_epoch_end, capsgan_checkpoint_saved, capsgan_evaluation_done,
+ capsgan_run_end) = _TRACKERS.hookimpls()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,18 @@ pytest.importorskip("wandb", reason='wandb is not installed (pip install "capsga
 
 
 def _wandb_records(path: Path) -> list:
-    """The records of a .wandb file: W&B's block format (32 KiB blocks of chunks: CRC, length, type) of protobufs."""
+    """The records of a finished run's .wandb file (W&B's block format: 32 KiB blocks of chunks, each a CRC,
+    a length and a type, of protobuf records), once W&B's writer has written its "exit" record: ``run.finish()``
+    returns when the service took the run's end, and the service's writer may still be closing the file."""
+    deadline = time.monotonic() + 60
+    while True:
+        records = _read_wandb(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _read_wandb(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()

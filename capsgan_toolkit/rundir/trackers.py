@@ -52,20 +52,13 @@ def update_state(run_dir: str | Path, name: str, entry: dict[str, Any]) -> None:
     writes.write_json(Path(run_dir) / STATE_FILE, state)
 
 
-def flat_recipe(recipe: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flat_recipe(recipe: dict[str, Any]) -> dict[str, str]:
     """The recipe as dotted keys and text values (``optim.encoder_generator.lr`` -> ``"0.003"``): a tracker's parameters."""
     import json
 
-    out: dict[str, str] = {}
-    for key, value in recipe.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flat_recipe(value, name + "."))
-        elif isinstance(value, str):
-            out[name] = value
-        else:
-            out[name] = json.dumps(value)
-    return out
+    from capsgan_toolkit.recipe.diff import flatten
+
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in flatten(recipe).items()}
 
 
 class TrackerRun:
@@ -203,3 +196,29 @@ class Trackers:
     def run_end(self, event) -> None:
         self._guarded(event.run_dir, lambda t: t.run_end(event))
         self.open.pop(self._key(event.run_dir), None)
+
+    def hookimpls(self) -> tuple[Callable, ...]:
+        """The five run-event hooks of a tracker plugin, in the order of the names a plugin module binds them to::
+
+            (capsgan_run_start, capsgan_epoch_end, capsgan_checkpoint_saved, capsgan_evaluation_done,
+             capsgan_run_end) = TRACKERS.hookimpls()
+        """
+        from capsgan_toolkit import hookimpl
+
+        def capsgan_run_start(event):
+            self.run_start(event)
+
+        def capsgan_epoch_end(event):
+            self.epoch_end(event)
+
+        def capsgan_checkpoint_saved(event):
+            self.checkpoint_saved(event)
+
+        def capsgan_evaluation_done(event):
+            self.evaluation_done(event)
+
+        def capsgan_run_end(event):
+            self.run_end(event)
+
+        return tuple(hookimpl(f) for f in (capsgan_run_start, capsgan_epoch_end, capsgan_checkpoint_saved,
+                                           capsgan_evaluation_done, capsgan_run_end))
