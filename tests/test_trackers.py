@@ -113,6 +113,18 @@ def test_a_tracker_that_fails_while_training_stops_logging_and_the_run_goes_on(t
     assert client.get_metric_history(logged.info.run_id, "train/loss_classification") == []
 
 
+def test_a_training_stopped_without_its_end_leaves_its_mlflow_run_killed_at_exit(tmp_path, monkeypatch):
+    from capsgan_plugins import mlflow_logger
+
+    recipe = {"output": {"mlflow": True}, "run": {"name": "stopped"}}
+    mlflow_logger.capsgan_run_start(RunStart(tmp_path, recipe, False, 0, 0))
+    client = _mlflow_client(tmp_path, monkeypatch)
+    (logged,) = mlflow.search_runs(experiment_names=["capsgan"], output_format="list")
+    assert logged.info.status == "RUNNING"
+    mlflow_logger._TRACKERS.close_all()  # what the process's exit does (registered with atexit)
+    assert client.get_run(logged.info.run_id).info.status == "KILLED" and not mlflow_logger._TRACKERS.open
+
+
 def test_a_tracker_that_cannot_start_stops_the_run_before_training_with_a_clear_message(tmp_path):
     bad = _recipe(mlflow="nosuchscheme://nowhere")
     result = invoke("run", write_toml(tmp_path / "r.toml", bad), "--out", tmp_path / "run", catch_exceptions=True)

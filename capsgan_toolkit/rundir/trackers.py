@@ -13,7 +13,9 @@ bookkeeping they all need, so a plugin only says how to talk to its tracker:
 - :class:`Trackers`: the open runs of one plugin, by run folder, and the hooks' bodies.
   A tracker that fails while a run trains stops logging with one warning and the run goes on
   (``metrics.jsonl`` holds every row); one that cannot start stops the run before training,
-  with a :class:`~capsgan_toolkit.errors.CapsganError` that says what to do.
+  with a :class:`~capsgan_toolkit.errors.CapsganError` that says what to do. A training that
+  stops without its end event (an error, Ctrl-C) leaves its tracker run to be closed as
+  abandoned when the process ends (MLflow: status KILLED; W&B: exit code 1).
 - ``RUN_DIR/trackers.json`` (:func:`read_state`, :func:`update_state`): where each tracker
   keeps its run's id, so a resumed run continues the same tracker run and ``capsgan eval``
   adds its results to it.
@@ -21,6 +23,7 @@ bookkeeping they all need, so a plugin only says how to talk to its tracker:
 
 from __future__ import annotations
 
+import atexit
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +136,16 @@ class Trackers:
                  after_training: Callable[[Path, dict[str, Any], Any], None] | None = None):
         self.label, self.setting, self.start, self.after_training = label, setting, start, after_training
         self.open: dict[str, TrackerRun] = {}
+        atexit.register(self.close_all)  # a run stopped by an error or an interrupt: its tracker run is closed too
+
+    def close_all(self) -> None:
+        """Close the tracker runs still open (their training stopped without its end event) as abandoned."""
+        while self.open:
+            _, tracker = self.open.popitem()
+            try:
+                tracker.abandon()
+            except Exception:  # noqa: BLE001, S110 - the process is ending; metrics.jsonl holds the run
+                pass
 
     @staticmethod
     def _key(run_dir) -> str:
