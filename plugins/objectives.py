@@ -195,11 +195,11 @@ class ReconstructionGAN(Objective):
         prior_components: int | None = Field(
             None, ge=2, le=16, description='Gaussians per class of prior = "mixture" (unset: 3).',
         )
-        prior_temperature: float = Field(
-            1.0, gt=0, le=2,
+        prior_temperature: float | None = Field(
+            None, gt=0, le=2,
             description="Spread of new images' latents around their class (or mixture component) mean, as a multiple "
                         "of the fitted spread, at evaluation and sampling (not the generation path's batch prior): "
-                        "below 1 trades variety for class fidelity (a truncation).",
+                        "below 1 trades variety for class fidelity (a truncation). Unset: 1.",
         )
 
         @model_validator(mode="after")
@@ -379,7 +379,7 @@ class ReconstructionGAN(Objective):
         from capsgan_toolkit.evaluation.evaluator import fit_prior
 
         kind = prior or self.params.prior or "gaussian"
-        temperature = prior_temperature or self.params.prior_temperature
+        temperature = prior_temperature or self.params.prior_temperature or 1.0
         if kind not in PRIOR_KINDS:
             raise CapsganError(f"Unknown latent prior {kind!r}; the priors are {', '.join(PRIOR_KINDS)}.")
         if kind == "mixture":

@@ -94,29 +94,31 @@ def test_resume_refuses_a_recipe_that_breaks_the_run(tmp_path):
 
 
 def _forget_newer_keys(state: dict) -> None:
-    """Make a saved recipe look written before objective.prior_temperature and the tracker keys existed."""
-    del state["recipe"]["objective"]["prior_temperature"]
+    """Make a saved recipe look written before data.rotation and the tracker keys existed."""
     for key in ("mlflow", "wandb", "experiment"):
         del state["recipe"]["output"][key]
+    del state["recipe"]["data"]["rotation"]
 
 
-def test_a_run_saved_before_a_key_existed_resumes_as_that_keys_default(tmp_path):
+def test_a_run_saved_before_a_key_existed_resumes_as_that_keys_default(tiny_recipe, tmp_path):
     from capsgan_toolkit.rundir.checkpoint import load_checkpoint, save_checkpoint
 
     out = tmp_path / "r"
-    assert invoke("run", ROOT / "recipes" / "quickstart.toml", "--out", out, "--quiet", *FAST).exit_code == 0
+    tiny_recipe["run"]["epochs"] = 1
+    assert invoke("run", write_toml(tmp_path / "r.toml", tiny_recipe), "--out", out, "--quiet").exit_code == 0
     final = out / "checkpoints" / "final.pt"
     state = load_checkpoint(final)
+    assert state["recipe"]["data"]["rotation"] == 180  # the glyphs' default
     _forget_newer_keys(state)
     save_checkpoint(state, final)
-    result = invoke("run", "--resume", out, "--quiet", "--set", "run.epochs=3")
+    result = invoke("run", "--resume", out, "--quiet", "--set", "run.epochs=2")
     assert result.exit_code == 0, result.output  # (absent) -> the default is no change
     state = load_checkpoint(final)
-    assert state["recipe"]["objective"]["prior_temperature"] == 1.0  # the resumed recipe says it now
+    assert state["recipe"]["data"]["rotation"] == 180  # the resumed recipe says it now
     _forget_newer_keys(state)
     save_checkpoint(state, final)
-    result = invoke("run", "--resume", out, "--quiet", "--set", "run.epochs=4", "--set", "objective.prior_temperature=0.5")
-    assert result.exit_code == 2 and "objective.prior_temperature: 1.0 -> 0.5" in result.output, result.output
+    result = invoke("run", "--resume", out, "--quiet", "--set", "run.epochs=3", "--set", "data.rotation=30")
+    assert result.exit_code == 2 and "data.rotation: 180.0 -> 30.0" in result.output, result.output
 
 
 def test_bad_recipe_exits_nonzero_without_traceback(tiny_recipe, tmp_path):

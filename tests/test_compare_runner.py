@@ -310,11 +310,11 @@ def test_a_run_trained_before_a_key_existed_is_reused_as_that_keys_default(regis
 
     desired = resolve(tiny_recipe(), registry).to_dict()
     saved = copy.deepcopy(desired)  # as written by a toolkit that had neither key yet
-    del saved["objective"]["prior_temperature"], saved["output"]["mlflow"]
-    assert stale_keys(saved, desired) == ["objective.prior_temperature: (absent) -> 1.0", "output.mlflow: (absent) -> False"]
+    del saved["data"]["rotation"], saved["output"]["mlflow"]
+    assert stale_keys(saved, desired) == ["data.rotation: (absent) -> 180.0", "output.mlflow: (absent) -> False"]
     assert stale_keys(with_defaults(saved, registry), desired) == []
-    colder = copy.deepcopy(desired)
-    colder["objective"]["prior_temperature"] = 0.7
-    assert stale_keys(with_defaults(saved, registry), colder) == ["objective.prior_temperature: 1.0 -> 0.7"]
+    turned = copy.deepcopy(desired)
+    turned["data"]["rotation"] = 30.0
+    assert stale_keys(with_defaults(saved, registry), turned) == ["data.rotation: 180.0 -> 30.0"]
     saved["encoder"]["channels"] = 99  # a saved value is kept as it was
     assert stale_keys(with_defaults(saved, registry), desired) == ["encoder.channels: 99 -> 8"]
