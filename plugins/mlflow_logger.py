@@ -35,7 +35,7 @@ from typing import Any
 from capsgan_toolkit import __version__
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.rundir.tail import NewRows, numbers
-from capsgan_toolkit.rundir.trackers import TrackerRun, Trackers, flat_recipe, update_state
+from capsgan_toolkit.rundir.trackers import TrackerRun, Trackers, flat_recipe, read_state, run_label, update_state
 
 INSTALL_HINT = 'pip install "capsgan-toolkit[mlflow]"'
 STORE = "mlruns"
@@ -61,17 +61,18 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def _log_metrics(client, run_id: str, points: list[tuple[str, float, int]]) -> None:
+    """Log ``(key, value, step)`` points, in batches of MLflow's largest size."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(key, value, stamp, step) for key, value, step in points]
+    for start in range(0, len(metrics), _BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + _BATCH])
 
 
 def _log_values(client, run_id: str, prefix: str, values: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
-    stamp = _now_ms()
-    metrics = [Metric(f"{prefix}/{key}", value, stamp, step) for key, value in values.items()]
-    for start in range(0, len(metrics), _BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + _BATCH])
+    _log_metrics(client, run_id, [(f"{prefix}/{key}", value, step) for key, value in values.items()])
 
 
 class MlflowRun(TrackerRun):
@@ -80,10 +81,10 @@ class MlflowRun(TrackerRun):
     def __init__(self, run_dir: Path, recipe: dict[str, Any], setting: bool | str, resumed_at: int | None):
         uri = tracking_uri(setting, run_dir)
         self.client = _client(uri)
-        state = _state(run_dir)
+        state = read_state(run_dir).get("mlflow") or {}
         continued = (resumed_at is not None and state.get("uri") == uri
                      and _exists(self.client, state.get("run_id", "")))
-        experiment = str((recipe.get("output") or {}).get("experiment") or "capsgan")
+        experiment, name = run_label(recipe, run_dir)
         if continued:
             self.run_id = state["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
@@ -91,7 +92,6 @@ class MlflowRun(TrackerRun):
             resumed_at = None  # a new MLflow run gets every row already in metrics.jsonl
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
-            name = str((recipe.get("run") or {}).get("name") or Path(run_dir).name)
             run = self.client.create_run(experiment_id, run_name=name,
                                          tags={"capsgan.run_dir": str(Path(run_dir).absolute()),
                                                "capsgan.toolkit_version": __version__})
@@ -111,13 +111,8 @@ class MlflowRun(TrackerRun):
         self.client.log_text(self.run_id, dumps_toml(recipe), "recipe.toml")
 
     def log_rows(self, found: NewRows) -> None:
-        from mlflow.entities import Metric
-
-        stamp = _now_ms()
-        metrics = [Metric(f"train/{key}", value, stamp, int(row.get("step", 0)))
-                   for row in found.rows for key, value in numbers(row).items()]
-        for start in range(0, len(metrics), _BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + _BATCH])
+        _log_metrics(self.client, self.run_id, [(f"train/{key}", value, int(row.get("step", 0)))
+                                                for row in found.rows for key, value in numbers(row).items()])
 
     def log_values(self, prefix: str, values: dict[str, float], step: int) -> None:
         _log_values(self.client, self.run_id, prefix, values, step)
@@ -134,12 +129,6 @@ class MlflowRun(TrackerRun):
 
     def abandon(self) -> None:
         self.client.set_terminated(self.run_id, status="KILLED")
-
-
-def _state(run_dir: Path) -> dict[str, Any]:
-    from capsgan_toolkit.rundir.trackers import read_state
-
-    return read_state(run_dir).get("mlflow") or {}
 
 
 def _exists(client, run_id: str) -> bool:

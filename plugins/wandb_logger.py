@@ -29,7 +29,7 @@ from typing import Any
 
 from capsgan_toolkit.errors import CapsganError
 from capsgan_toolkit.rundir.tail import NewRows, numbers
-from capsgan_toolkit.rundir.trackers import TrackerRun, Trackers, read_state, update_state
+from capsgan_toolkit.rundir.trackers import TrackerRun, Trackers, read_state, run_label, update_state
 
 INSTALL_HINT = 'pip install "capsgan-toolkit[wandb]"'
 
@@ -57,8 +57,7 @@ class WandbRun(TrackerRun):
     def __init__(self, run_dir: Path, recipe: dict[str, Any], mode: str, resumed_at: int | None):
         state = read_state(run_dir).get("wandb") or {}
         continued = resumed_at is not None and bool(state.get("id"))
-        project = str((recipe.get("output") or {}).get("experiment") or "capsgan")
-        name = str((recipe.get("run") or {}).get("name") or Path(run_dir).name)
+        project, name = run_label(recipe, run_dir)
         self.run = _init(run_dir, mode, project, name, state["id"] if continued else None, recipe)
         self.last_step = resumed_at if continued and resumed_at is not None else -1
         update_state(run_dir, "wandb", {"id": self.run.id, "mode": mode, "project": project, "name": name})

@@ -219,8 +219,7 @@ class Runner:
         for job in self.mine:
             rd = RunDir(job.path)
             if rd.is_run():
-                saved, registry = rd.read_recipe(), registries[job.path]
-                changed = stale_keys(with_defaults(saved, registry) if registry is not None else saved, job.desired)
+                changed = stale_keys(with_defaults(rd.read_recipe(), registries[job.path]), job.desired)
                 if changed:
                     stale.append(f"  {job.path}:\n    " + "\n    ".join(changed))
         if stale:

@@ -388,15 +388,17 @@ def _resolve_optim(recipe: Recipe, objective, raw: dict, errors: list) -> dict[s
     return out
 
 
-def with_defaults(saved: dict[str, Any], registry: Registry) -> dict[str, Any]:
+def with_defaults(saved: dict[str, Any], registry: Registry | None) -> dict[str, Any]:
     """A saved (resolved) recipe with the keys added to the toolkit since it was written, at their defaults.
 
     A run trained before a key existed trained as that key's default does (a new key's default
     keeps the old behaviour), so a resume or a comparison's re-run compares the saved recipe
     with this, not with the bare file: ``(absent) -> default`` is no change, ``(absent) -> any
     other value`` still is. Every key the saved recipe has keeps its saved value. A saved
-    recipe that no longer validates is returned as it is (the difference then shows).
+    recipe that no longer validates, or no ``registry`` to validate it with, returns it as it is.
     """
+    if registry is None:
+        return saved
     try:
         filled = resolve(saved, registry, training=False).to_dict()
     except CapsganError:

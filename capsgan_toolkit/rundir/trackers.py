@@ -55,6 +55,12 @@ def update_state(run_dir: str | Path, name: str, entry: dict[str, Any]) -> None:
     writes.write_json(Path(run_dir) / STATE_FILE, state)
 
 
+def run_label(recipe: dict[str, Any], run_dir: str | Path) -> tuple[str, str]:
+    """``(experiment, name)``: the recipe's ``output.experiment`` and ``run.name`` (else the folder's name)."""
+    experiment = str((recipe.get("output") or {}).get("experiment") or "capsgan")
+    return experiment, str((recipe.get("run") or {}).get("name") or Path(run_dir).name)
+
+
 def flat_recipe(recipe: dict[str, Any]) -> dict[str, str]:
     """The recipe as dotted keys and text values (``optim.encoder_generator.lr`` -> ``"0.003"``): a tracker's parameters."""
     import json

@@ -85,14 +85,17 @@ class GraphedCalls:
         if entry is None:
             try:
                 entry = self.graphs[key] = self._capture(args, params)
-            except CapsganError as exc:
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                 if not self.fallback:
-                    raise
+                    raise CapsganError(
+                        f"speed.cuda_graphs = true: the {self.name} could not be captured as a CUDA graph ({reason}). "
+                        "A model whose forward reads values back to the host, changes its control flow with the data, "
+                        "or draws memory outside PyTorch cannot be graphed. Set speed.cuda_graphs = false, or "
+                        '"auto" to run that model eagerly; checkpoints already written are intact.') from exc
                 self.eager_only = True
-                cause = exc.__cause__
-                reason = str(cause).strip().splitlines()[0][:200] if cause is not None and str(cause).strip() else ""
                 print(f'note: speed.cuda_graphs = "auto": the {self.name} runs eagerly; it cannot be captured as a '
-                      f"CUDA graph ({type(cause).__name__}: {reason}).", file=sys.stderr)
+                      f"CUDA graph ({reason}).", file=sys.stderr)
                 return self.eager(*args)
         graphed, assigned = entry
         out = graphed(*args, *params)
@@ -110,13 +113,6 @@ class GraphedCalls:
         self.capturing = True
         try:
             graphed = self.make(run, tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args) + params)
-        except Exception as exc:
-            raise CapsganError(
-                f"speed.cuda_graphs = true: the {self.name} could not be captured as a CUDA graph "
-                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}). "
-                "A model whose forward reads values back to the host, changes its control flow with the data, "
-                "or draws memory outside PyTorch cannot be graphed. Set speed.cuda_graphs = false "
-                "(--set speed.cuda_graphs=false); checkpoints already written are intact.") from exc
         finally:
             self.capturing = False
             with torch.no_grad():
@@ -126,6 +122,7 @@ class GraphedCalls:
         return graphed, assigned
 
 
-def graph_models(modules: dict[str, nn.Module], **kwargs) -> list[GraphedCalls]:  # kwargs: GraphedCalls's
-    """Wrap each model in :class:`GraphedCalls`; return the wrappers (the trainer calls ``new_step``)."""
+def graph_models(modules: dict[str, nn.Module], **kwargs) -> list[GraphedCalls]:
+    """Wrap each model in :class:`GraphedCalls` (``kwargs``: its options); return the wrappers (the trainer calls
+    ``new_step``)."""
     return [GraphedCalls(module, name, **kwargs) for name, module in modules.items()]
