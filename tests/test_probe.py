@@ -100,7 +100,7 @@ def test_columns_on_flat_images_match_closed_forms():
         assert row["images"] == 8
         assert row["acc"] == pytest.approx(7 / 8)
         assert row["rec_acc"] == pytest.approx(4 / 8)  # class 1 for every reconstruction: right for half
-        assert row["rec_ssim"] == pytest.approx(ssim, abs=1e-6)
+        assert row["rec_ssim"] == pytest.approx(ssim, abs=1e-3)  # float32 SSIM on flat images (docs/metrics.md)
         assert row["rec_mse01"] == pytest.approx(mse, abs=1e-6)
         assert row["true_class_length"] == pytest.approx(length, abs=1e-5)
 
@@ -114,7 +114,7 @@ def test_identity_reconstruction_is_perfect_and_keeps_what_the_encoder_sees():
         seen = perturb(images).mean(dim=(1, 2, 3)) > 0  # the hand classifier, applied directly
         assert row["acc"] == pytest.approx((seen.long() == labels).float().mean().item())
         assert row["rec_acc"] == pytest.approx(row["acc"])
-        assert row["rec_ssim"] == pytest.approx(1.0, abs=1e-9) and row["rec_mse01"] == pytest.approx(0.0, abs=1e-12)
+        assert row["rec_ssim"] == pytest.approx(1.0, abs=1e-6) and row["rec_mse01"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_columns_an_objective_cannot_give_are_absent_with_the_reason():

@@ -18,6 +18,7 @@ as one that is not.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 from collections.abc import Callable
@@ -261,10 +262,12 @@ class Evaluator:
                     "num_generated": n_ref, "pixels": "[0, 1]"}
             if any(e.name == "rec" for e in rec):
                 entry = CATALOGUE["rec"]
+                library = f"torchmetrics {importlib.metadata.version('torchmetrics')}"
                 for stem, values, text in (
-                        ("rec_mse", recon_mse01(recon, real), "mse (mean over pixels and images)"),
-                        ("rec_psnr", psnr(recon, real), "psnr_db (mean over images)"),
-                        ("rec_ssim", ssim(recon, real), "ssim (gaussian 11x11, sigma 1.5, valid region)")):
+                        ("rec_mse", recon_mse01(recon, real), "mse (mean over pixels and images, float64)"),
+                        ("rec_psnr", psnr(recon, real), f"psnr_db (mean over images; {library}, float64)"),
+                        ("rec_ssim", ssim(recon, real),
+                         f"ssim (gaussian 11x11, sigma 1.5, valid region; {library}, float32)")):
                     self._add(report, entry, result_key(stem, count=n_ref, split=split_name), values.mean(),
                               {**info, "metric": text})
             recon_u8 = to_fidelity_images(recon)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from capsgan_toolkit.catalogue import KID_SUBSETS, is_splits, kid_subset_size
@@ -81,39 +80,51 @@ def recon_mse01(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB with pixels in [0, 1]; identical images give 100 dB (MSE floored at 1e-10)."""
-    return 10 * torch.log10(1.0 / recon_mse01(reconstruction, target).clamp(min=1e-10))
+    """Per-image PSNR in dB with pixels in [0, 1], by torchmetrics' ``peak_signal_noise_ratio`` (data range 1).
+
+    Identical images (torchmetrics: infinite) give 100 dB, the value of an MSE of 1e-10.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    value = peak_signal_noise_ratio(_unit(reconstruction), _unit(target), data_range=1.0, reduction="none",
+                                    dim=(1, 2, 3))
+    return value.double().clamp(max=PSNR_CEILING_DB)
 
 
-def _gaussian_window(size: int, sigma: float, dtype) -> torch.Tensor:
-    x = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    w = torch.exp(-(x**2) / (2 * sigma**2))
-    return w / w.sum()
+PSNR_CEILING_DB = 100.0
+"""PSNR of identical images (an MSE of 1e-10)."""
+
+
+def ssim_window(height: int, width: int, *, window: int = 11, sigma: float = 1.5) -> tuple[int, float]:
+    """The Gaussian window SSIM uses on ``height x width`` images: (taps, sigma).
+
+    11 taps at sigma 1.5; an image smaller than that gets the largest odd window that fits, its sigma
+    shrunk in proportion (torchmetrics derives the taps from sigma: ``2 * int(3.5 * sigma + 0.5) + 1``).
+    """
+    size = min(window, height, width)
+    size -= (size + 1) % 2  # an odd window keeps it centred
+    return size, (sigma if size == window else sigma * size / window)
 
 
 def ssim(reconstruction: torch.Tensor, target: torch.Tensor, *, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004) with pixels in [0, 1].
+    """Per-image SSIM (Wang et al. 2004) with pixels in [0, 1], by torchmetrics.
 
-    Gaussian window (11 taps, sigma 1.5; shrunk to the image for smaller images),
-    local statistics over the valid region only (no padding), K1 = 0.01, K2 = 0.03,
-    averaged over pixels and channels. Computed in float64, the window applied as two 1-D passes.
+    torchmetrics' ``structural_similarity_index_measure`` (Gaussian window, 11 taps, sigma 1.5; see
+    :func:`ssim_window` for smaller images; K1 = 0.01, K2 = 0.03), its SSIM map averaged over the valid
+    region only (the positions whose window lies inside the image: torchmetrics' own average also counts
+    the windows over its reflect padding), then over channels. float32: within 1e-6 of float64 on random
+    images and 2e-4 on flat backgrounds (docs/metrics.md), fourteen times faster on a CPU.
     """
-    x, y = _unit(reconstruction), _unit(target)
-    size = min(window, x.shape[-1], x.shape[-2])
-    size -= (size + 1) % 2  # an odd window keeps it centred
-    g = _gaussian_window(size, sigma, x.dtype)
-    # The 2-D Gaussian is separable: one pass along rows, one along columns, over the five maps of every
-    # channel of every image at once (one-channel convolutions: no grouped-convolution path).
-    maps = torch.stack([x, y, x * x, y * y, x * y])  # (5, N, C, H, W)
-    flat = maps.reshape(-1, 1, *x.shape[-2:])
-    flat = F.conv2d(F.conv2d(flat, g.view(1, 1, 1, size)), g.view(1, 1, size, 1))
-    mu_x, mu_y, xx, yy, xy = flat.reshape(5, *x.shape[:2], *flat.shape[-2:])
-    var_x = xx - mu_x**2
-    var_y = yy - mu_y**2
-    cov = xy - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return index.mean(dim=(1, 2, 3))
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    x, y = _unit(reconstruction).float(), _unit(target).float()
+    size, s = ssim_window(x.shape[-2], x.shape[-1], window=window, sigma=sigma)
+    _, full = structural_similarity_index_measure(x, y, gaussian_kernel=True, sigma=s, kernel_size=size,
+                                                  data_range=1.0, k1=0.01, k2=0.03, reduction="none",
+                                                  return_full_image=True)
+    pad = (size - 1) // 2
+    valid = full[..., pad:full.shape[-2] - pad, pad:full.shape[-1] - pad]
+    return valid.double().mean(dim=(1, 2, 3))
 
 
 # ----------------------------------------------------------------- torch-fidelity
