@@ -21,6 +21,7 @@ TWINS = [
     ("capsgan_cifar.toml", "cnngan_cifar.toml"),
     ("capsgan_fashion_mnist.toml", "cnngan_fashion_mnist.toml"),
     ("capsgan_fashion_mnist_improved.toml", "cnngan_fashion_mnist_improved.toml"),
+    ("capsgan_mnist_improved.toml", "cnngan_mnist_improved.toml"),
 ]
 
 ALLOWED = {"run.name"}  # the run folder's name; [encoder] is meant to differ
