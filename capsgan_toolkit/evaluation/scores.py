@@ -112,8 +112,9 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, *, window: int = 11
     torchmetrics' ``structural_similarity_index_measure`` (Gaussian window, 11 taps, sigma 1.5; see
     :func:`ssim_window` for smaller images; K1 = 0.01, K2 = 0.03), its SSIM map averaged over the valid
     region only (the positions whose window lies inside the image: torchmetrics' own average also counts
-    the windows over its reflect padding), then over channels. float32: within 1e-6 of float64 on random
-    images and 2e-4 on flat backgrounds (docs/metrics.md), fourteen times faster on a CPU.
+    the windows over its reflect padding), then over channels. In float32: within 1e-6 of float64 on random
+    images, up to 9e-4 on flat backgrounds (docs/metrics.md); torchmetrics in float64 takes about fourteen
+    times as long on a CPU.
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
