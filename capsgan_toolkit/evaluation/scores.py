@@ -79,6 +79,10 @@ def recon_mse01(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (_unit(reconstruction) - _unit(target)).pow(2).mean(dim=(1, 2, 3))
 
 
+PSNR_CEILING_DB = 100.0
+"""PSNR of identical images (an MSE of 1e-10)."""
+
+
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB with pixels in [0, 1], by torchmetrics' ``peak_signal_noise_ratio`` (data range 1).
 
@@ -89,10 +93,6 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     value = peak_signal_noise_ratio(_unit(reconstruction), _unit(target), data_range=1.0, reduction="none",
                                     dim=(1, 2, 3))
     return value.double().clamp(max=PSNR_CEILING_DB)
-
-
-PSNR_CEILING_DB = 100.0
-"""PSNR of identical images (an MSE of 1e-10)."""
 
 
 def ssim_window(height: int, width: int, *, window: int = 11, sigma: float = 1.5) -> tuple[int, float]:
