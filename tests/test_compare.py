@@ -397,6 +397,27 @@ def test_spec_loads_and_builds_overrides(tmp_path):
     assert data["run"]["epochs"] == 1 and data["encoder"]["channels"] == 4
 
 
+def test_seeds_option_replaces_the_specs_seeds_and_plans_every_arm_for_them(tmp_path):
+    from capsgan_toolkit.cli.compare import parse_seeds
+    from capsgan_toolkit.compare.runner import Runner
+
+    path = _spec(tmp_path, GOOD_SPEC)
+    assert load_spec(path).spec.seeds == [0, 1]
+    assert parse_seeds("5") == 5 and parse_seeds("0, 2,7") == [0, 2, 7] and parse_seeds("7,") == [7]
+    for text, seeds in (("5", [0, 1, 2, 3, 4]), ("3,9", [3, 9]), ("7,", [7])):
+        loaded = load_spec(path, seeds=parse_seeds(text))
+        assert loaded.spec.seeds == seeds
+        runner = Runner(loaded, tmp_path / "out", arms=loaded.spec.selected(), allow=[])
+        assert sorted((job.arm, job.seed) for job in runner.grid) == [(a, s) for a in "ab" for s in seeds]
+    for text, message in (("x", "--seeds x: give a count"), ("1,1", "seeds (from --seeds): seeds repeat"),
+                          ("0", "seeds (from --seeds): give at least one seed")):
+        result = CliRunner().invoke(compare_command, [str(path), "--seeds", text, "--out", str(tmp_path / text)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / text).exists()
+    result = CliRunner().invoke(compare_command, [str(tmp_path), str(tmp_path), "--seeds", "3"])
+    assert result.exit_code == 2 and "--seeds applies to a comparison spec" in result.output
+
+
 @pytest.mark.parametrize("change, message", [
     (("seeds = 2", "seeds = 2\ncolour = 1"), "colour: unknown key"),
     (("[budget]\nepochs = 1", "[budget]\nepochs = 1\nsteps = 3"), "budget: give exactly one of epochs, steps and minutes"),

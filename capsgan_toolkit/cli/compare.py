@@ -37,6 +37,9 @@ from capsgan_toolkit.compare.spec import CompareError, load_spec
              "arm). Every pair of arms is compared unless the spec names [[contrasts]].")
 @option("--arm", "arm_labels", multiple=True, metavar="LABEL", help="Only these arms of the spec (and the baseline).")
 @option("--with-optional", is_flag=True, default=False, help="Also run the spec's optional arms.")
+@option("--seeds", "seeds_text", default=None, metavar="N | A,B,...",
+        help="Seeds of every arm instead of the spec's: a count N (seeds 0..N-1) or a comma-separated list. "
+             "Runs already in the folder for those seeds are reused.")
 @option("--jobs", type=click.IntRange(min=1), default=1, help="Runs at once (each run is its own worker process).")
 @option("--devices", default=None, metavar="D1,D2,...",
         help="Devices handed to the runs in turn: cpu, cuda, cuda:0, cuda:1, mps (default: each recipe's run.device).")
@@ -49,8 +52,8 @@ from capsgan_toolkit.compare.spec import CompareError, load_spec
 @click.option("--in-process", is_flag=True, default=False, hidden=True,
               help="Train in this process (tests, debugging); peak memory then accumulates over runs.")
 @friendly(aborted="finished runs and checkpoints are kept; run the same command again to continue.")
-def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jobs, devices, executor, shard, quiet,
-                    in_process):
+def compare_command(sources, out, allow, baseline, arm_labels, with_optional, seeds_text, jobs, devices, executor,
+                    shard, quiet, in_process):
     """Compare arms under one budget, seeds and protocol: train (SPEC.toml) or read (RUN_DIRs), then report.
 
     With a spec, every arm x seed is trained into OUT/runs/<arm>/seed-<k>/ and evaluated;
@@ -60,7 +63,7 @@ def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jo
     console = None if quiet else Console()
     first = Path(sources[0])
     if len(sources) == 1 and first.suffix == ".toml" and not first.is_dir():
-        loaded = load_spec(first)
+        loaded = load_spec(first, seeds=None if seeds_text is None else parse_seeds(seeds_text))
         if baseline is not None:
             if baseline not in [a.label for a in loaded.spec.arms]:
                 raise CompareError(f"--baseline {baseline}: no such arm in {first}.")
@@ -87,13 +90,24 @@ def compare_command(sources, out, allow, baseline, arm_labels, with_optional, jo
         return
     if any(Path(s).suffix == ".toml" for s in sources if not Path(s).is_dir()):
         raise CompareError("Give either one comparison spec (a .toml file) or run folders, not both.")
-    for name, value in (("--arm", arm_labels), ("--with-optional", with_optional), ("--shard", shard),
-                        ("--devices", devices), ("--jobs", jobs > 1), ("--executor", executor)):
+    for name, value in (("--arm", arm_labels), ("--with-optional", with_optional), ("--seeds", seeds_text),
+                        ("--shard", shard), ("--devices", devices), ("--jobs", jobs > 1), ("--executor", executor)):
         if value:
             raise CompareError(f"{name} applies to a comparison spec, not to existing run folders.")
     folder = Path(out) if out else Path("compare") / "report"
     with _folder_lock(folder):
         compare_runs(list(sources), folder, baseline=baseline, allow=list(allow), console=console)
+
+
+def parse_seeds(text: str) -> int | list[int]:
+    """Read ``--seeds``: ``5`` is a count (seeds 0..4), ``0,2,7`` (or ``7,``) a list; the spec checks the values."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts if p or len(parts) == 1]
+    except ValueError:
+        raise CompareError(f"--seeds {text}: give a count (5: seeds 0 to 4) or comma-separated integer seeds "
+                           "(0,1,2).") from None
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 @contextlib.contextmanager

@@ -272,8 +272,12 @@ class LoadedSpec:
                 f"run.seed={seed}", f"run.name={toml_inline(f'{arm.label}-seed-{seed}')}"]
 
 
-def load_spec(path: str | Path) -> LoadedSpec:
+def load_spec(path: str | Path, *, seeds: int | list[int] | None = None) -> LoadedSpec:
     """Read and validate a comparison spec.
+
+    Args:
+        path: the spec file.
+        seeds: seeds replacing the spec's own (``capsgan compare --seeds``): a count N or a list.
 
     Raises:
         CompareError: unreadable file, bad TOML, or a spec that does not validate (every
@@ -284,10 +288,13 @@ def load_spec(path: str | Path) -> LoadedSpec:
         data = read_toml(path)
     except CapsganError as exc:
         raise CompareError(str(exc).replace("recipe", "comparison spec")) from None
+    if seeds is not None:
+        data["seeds"] = seeds
     try:
         spec = CompareSpec.model_validate(data)
     except ValidationError as exc:
-        raise CompareError(_format_errors(exc, path)) from None
+        text = _format_errors(exc, path)
+        raise CompareError(text if seeds is None else text.replace("  - seeds:", "  - seeds (from --seeds):")) from None
     loaded = LoadedSpec(spec, path)
     missing = [(i, a) for i, a in enumerate(spec.arms) if not loaded.recipe_path(a).is_file()]
     if missing:
