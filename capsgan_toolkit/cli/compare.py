@@ -101,13 +101,13 @@ def compare_command(sources, out, allow, baseline, arm_labels, with_optional, se
 
 def parse_seeds(text: str) -> int | list[int]:
     """Read ``--seeds``: ``5`` is a count (seeds 0..4), ``0,2,7`` (or ``7,``) a list; the spec checks the values."""
-    parts = [p.strip() for p in text.split(",")]
     try:
-        values = [int(p) for p in parts if p or len(parts) == 1]
+        if "," not in text:
+            return int(text)
+        return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
         raise CompareError(f"--seeds {text}: give a count (5: seeds 0 to 4) or comma-separated integer seeds "
                            "(0,1,2).") from None
-    return values[0] if len(values) == 1 and "," not in text else values
 
 
 @contextlib.contextmanager
